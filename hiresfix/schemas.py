@@ -1,0 +1,187 @@
+"""The request/response contract: one pydantic model per request type.
+
+These classes are the single source of truth for the HTTP API (FastAPI validates with them and
+renders them at /docs), the CLI (builds its flags from them) and the README. Field names follow the
+contract that existing clients already send (A1111-style names on port 7860).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Hard bounds that protect a replica whatever the profile. A profile may be stricter (ingress limits).
+MAX_SIDE = 2048
+MAX_OUTPUT_SIDE = 8192
+MAX_STEPS = 150
+SEED_MAX = 2**32 - 1
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc")
+SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+
+
+class FallbackReason(str, Enum):
+    """Why the neural upscaler was not used; LANCZOS served the request instead."""
+
+    disabled_by_request = "disabled_by_request"
+    not_installed = "not_installed"  # torch/spandrel cannot be imported
+    weights_missing = "weights_missing"  # configured file absent (or checksum mismatch)
+    out_of_memory = "out_of_memory"  # still OOM at the smallest tile
+    error = "error"  # anything else; fallback_detail says what
+
+
+class _Strict(BaseModel):
+    # Unknown fields are a 422, not silently ignored: a typo like "hires_fixx" must not pass.
+    model_config = ConfigDict(extra="forbid")
+
+
+class FaceOptions(_Strict):
+    use_face_restoration: bool = Field(False, description="Run the face restoration pass.")
+    face_restoration_weight: float = Field(
+        0.6, ge=0.0, le=1.0, description="0 = original face, 1 = fully restored face."
+    )
+    face_model: str | None = Field(
+        None, description="A configured face restorer name (GET /models); null = default."
+    )
+
+
+class UpscaleOptions(_Strict):
+    use_realesrgan: bool = Field(
+        True, description="Use the neural upscaler; false forces LANCZOS."
+    )
+    upscaler: str | None = Field(
+        None, description="A configured upscaler name (GET /models); null = the default."
+    )
+
+
+class GenerateRequest(UpscaleOptions, FaceOptions):
+    prompt: str = Field(..., min_length=1, max_length=4000, description="What to draw.")
+    negative_prompt: str = Field("", max_length=4000)
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="null = random; the seed used is returned."
+    )
+    width: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.")
+    height: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.")
+    num_inference_steps: int = Field(30, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    scheduler: SchedulerName = Field("euler", description="Sampler for both passes.")
+    num_images: int = Field(1, ge=1, le=4, description="Images per request, seeds seed, seed+1, ...")
+    hires_fix: bool = Field(False, description="Upscale by hires_scale, then refine with img2img.")
+    hires_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hires_steps: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0 = derived from steps and strength."
+    )
+    denoising_strength: float = Field(0.5, gt=0.0, le=1.0, description="Second-pass strength.")
+    hires_prompt: str = Field("", max_length=4000, description="Empty = same as prompt.")
+    hires_negative_prompt: str = Field("", max_length=4000, description="Empty = same.")
+    refiner_switch_at: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Ensemble-of-experts: base denoises to this fraction, the refine model finishes.",
+    )
+    output_format: OutputFormat = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain some text")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
+        return v
+
+    @model_validator(mode="after")
+    def _output_bounded(self) -> "GenerateRequest":
+        if self.hires_fix:
+            side = max(self.width, self.height) * self.hires_scale
+            if side > MAX_OUTPUT_SIDE:
+                raise ValueError(
+                    f"hires output would be {side:.0f} px on its long side; max is {MAX_OUTPUT_SIDE}:"
+                    " lower hires_scale or the base size"
+                )
+        return self
+
+    def output_size(self) -> tuple[int, int]:
+        if not self.hires_fix:
+            return self.width, self.height
+        return hires_size(self.width, self.height, self.hires_scale)
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Target size of an upscale: rounded, then snapped to a multiple of 8 (latent grid)."""
+    return _snap8(width * scale), _snap8(height * scale)
+
+
+def _snap8(v: float) -> int:
+    return max(8, int(round(v / 8.0)) * 8)
+
+
+class UpscaleRequest(UpscaleOptions, FaceOptions):
+    image: str = Field(..., min_length=1, description="Base64 PNG/JPEG/WebP (a data: URL is accepted).")
+    scale: float = Field(2.0, ge=1.0, le=8.0, description="Any factor, e.g. 1.5, 2, 3, 4.")
+    output_format: OutputFormat = "png"
+
+
+class FaceRestorationInfo(BaseModel):
+    applied: bool = False
+    faces_found: int = 0
+    model: str | None = None
+    reason: str | None = Field(None, description="Why it was not applied, when requested.")
+
+
+class ImageResponse(BaseModel):
+    image: str = Field(..., description="Base64 of the first image.")
+    images: list[str] = Field(default_factory=list, description="All images (num_images).")
+    width: int
+    height: int
+    seed: int | None = None
+    seeds: list[int] = Field(default_factory=list)
+    upscaler_used: str | None = Field(
+        None, description="Model name, 'lanczos', or null when no upscale happened."
+    )
+    fallback_reason: FallbackReason | None = None
+    fallback_detail: str | None = None
+    face_restoration: FaceRestorationInfo = Field(default_factory=FaceRestorationInfo)
+    output_format: OutputFormat = "png"
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, and total.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: Literal["upscaler", "face"]
+    available: bool
+    default: bool = False
+    scale: int | None = None
+    architecture: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    upscalers: list[ModelInfo]
+    face_models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    realesrgan_available: bool
+    face_restoration_available: bool
+    models: list[ModelInfo]
+    deployments: dict[str, dict] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: list[dict] | str
