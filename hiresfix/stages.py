@@ -7,6 +7,7 @@ replicas) and through in-process calls in tests and benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hiresfix.images import Picture
 from hiresfix.schemas import FaceRestorationInfo, FallbackReason
@@ -31,6 +32,8 @@ class ImageBatch:
     fallback_reason: FallbackReason | None = None
     fallback_detail: str | None = None
     face_restoration: FaceRestorationInfo = field(default_factory=FaceRestorationInfo)
+    # Ensemble-of-experts only: base latents handed to the refine model (pictures is empty then).
+    latents: Any = None
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 4)
