@@ -1,0 +1,29 @@
+"""The SDXL base deployment: text -> base images (or latents for ensemble-of-experts)."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from hiresfix.schemas import GenerateRequest
+from hiresfix.sdxl import BaseStage, SDXLSettings, load_base_pipeline
+from hiresfix.stages import ImageBatch
+
+
+@serve.deployment(name="SDXLBase")
+class SDXLBase:
+    def __init__(self, settings: dict):
+        self.settings = SDXLSettings.model_validate(settings)
+        # Loading fails here, at start-up, with the file named: never at the first request.
+        self.pipe = load_base_pipeline(self.settings)
+        self.stage = BaseStage(self.pipe)
+
+    def generate(self, req: GenerateRequest) -> ImageBatch:
+        return self.stage.run(req)
+
+    def info(self) -> dict:
+        return {
+            "state": "ready",
+            "source": self.settings.source,
+            "device": str(self.pipe.device),
+            "dtype": str(self.pipe.unet.dtype).replace("torch.", ""),
+        }

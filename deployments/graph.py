@@ -1,0 +1,51 @@
+"""The deployment graph: the only place where stages are bound together.
+
+serve_config*.yaml point at `deployments.graph:build_app` and pass `args` (validated by AppArgs);
+replica counts, GPUs, autoscaling and queue bounds are set per deployment in the same YAML.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.base import SDXLBase
+from deployments.ingress import Ingress
+from deployments.refine import RefineFace
+from deployments.upscaler import Upscaler
+from hiresfix.face import FaceSettings
+from hiresfix.sdxl import SDXLSettings
+from hiresfix.upscale import UpscalerSettings
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_side: int | None = Field(None, description="Largest base width/height this profile accepts.")
+    max_steps: int | None = None
+    max_input_pixels: int = 4096 * 4096  # /upscale decompression-bomb guard
+    max_input_bytes: int = 32 * 1024 * 1024
+    max_output_side: int = 8192
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sdxl: SDXLSettings | None = Field(default_factory=SDXLSettings, description="null = upscale-only app")
+    upscaler: UpscalerSettings = Field(default_factory=UpscalerSettings)
+    face: FaceSettings = Field(default_factory=FaceSettings)
+    limits: Limits = Field(default_factory=Limits)
+
+
+def build_app(args: dict) -> Application:
+    cfg = AppArgs.model_validate(args or {})
+    sdxl = cfg.sdxl.model_dump() if cfg.sdxl is not None else None
+    base = SDXLBase.bind(sdxl) if sdxl is not None else None
+    upscaler = Upscaler.bind(cfg.upscaler.model_dump())
+    refine = RefineFace.bind(sdxl, cfg.face.model_dump())
+    return Ingress.bind(
+        base,
+        upscaler,
+        refine,
+        cfg.limits.model_dump(),
+        [m.name for m in cfg.upscaler.models],
+        [m.name for m in cfg.face.models],
+    )

@@ -1,0 +1,201 @@
+"""The HTTP ingress: validates, routes one request through the stages, encodes the answer.
+
+Stages are chained by passing each DeploymentResponse straight into the next call, so pictures go
+replica -> replica and only the final result comes back here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hiresfix import __version__
+from hiresfix.images import ImageInputError, decode_image, encode_b64
+from hiresfix.schemas import (
+    GenerateRequest,
+    HealthResponse,
+    ImageResponse,
+    ModelInfo,
+    ModelsResponse,
+    UpscaleRequest,
+)
+from hiresfix.stages import ImageBatch
+
+log = logging.getLogger("hiresfix.ingress")
+
+api = FastAPI(
+    title="hiresfix",
+    version=__version__,
+    description="SDXL with a RealESRGAN hires fix and face restoration, on Ray Serve.",
+)
+
+
+class BadRequest(Exception):
+    def __init__(self, field: str, message: str, status: int = 422):
+        self.field, self.message, self.status = field, message, status
+
+
+def _field_errors(errors) -> list[dict]:
+    out = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        out.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type")})
+    return out
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    details = _field_errors(exc.errors())
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "detail": details})
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
+    detail = [{"field": exc.field, "message": exc.message}]
+    return JSONResponse(status_code=exc.status, content={"error": f"{exc.field}: {exc.message}", "detail": detail})
+
+
+@api.exception_handler(Exception)
+async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
+    # Overload (max_queued_requests reached) is the client's cue to retry, not a server fault.
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, BackPressureError) or "BackPressureError" in type(exc).__name__:
+        return JSONResponse(status_code=503, headers={"Retry-After": "5"}, content={"error": "server busy: too many queued requests, retry later", "detail": str(exc)[:500]})
+    log.exception("request failed")
+    return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        base: DeploymentHandle | None,
+        upscaler: DeploymentHandle,
+        refine: DeploymentHandle,
+        limits: dict,
+        upscaler_names: list[str],
+        face_names: list[str],
+    ):
+        self.base, self.upscaler, self.refine = base, upscaler, refine
+        self.limits = limits
+        self.upscaler_names, self.face_names = upscaler_names, face_names
+
+    # --- validation that depends on the configuration, not only on the schema ---
+    def _check_models(self, upscaler: str | None, face_model: str | None) -> None:
+        if upscaler is not None and upscaler not in self.upscaler_names:
+            raise BadRequest("upscaler", f"unknown upscaler {upscaler!r}; configured: {', '.join(self.upscaler_names) or 'none'}")
+        if face_model is not None and face_model not in self.face_names:
+            raise BadRequest("face_model", f"unknown face model {face_model!r}; configured: {', '.join(self.face_names) or 'none'}")
+
+    def _check_generate_limits(self, req: GenerateRequest) -> None:
+        max_side = self.limits.get("max_side")
+        if max_side:
+            for name in ("width", "height"):
+                if getattr(req, name) > max_side:
+                    raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {max_side}")
+        max_steps = self.limits.get("max_steps")
+        if max_steps and req.num_inference_steps > max_steps:
+            raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {max_steps}")
+
+    # --- routes ---
+    @api.post("/generate", response_model=ImageResponse)
+    async def generate(self, req: GenerateRequest) -> ImageResponse:
+        if self.base is None:
+            raise BadRequest("prompt", "this deployment serves /upscale only (no SDXL configured)", 404)
+        self._check_models(req.upscaler, req.face_model)
+        self._check_generate_limits(req)
+        t0 = time.perf_counter()
+        batch = self.base.generate.remote(req)
+        if req.refiner_switch_at is not None:
+            batch = self.refine.finish.remote(batch, req)
+        if req.hires_fix:
+            batch = self.upscaler.upscale.remote(batch, req.hires_scale, req.upscaler, req.use_realesrgan, True)
+            batch = self.refine.hires.remote(batch, req)
+        if req.use_face_restoration:
+            batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
+        return await self._respond(await batch, req.output_format, t0)
+
+    @api.post("/upscale", response_model=ImageResponse)
+    async def upscale(self, req: UpscaleRequest) -> ImageResponse:
+        self._check_models(req.upscaler, req.face_model)
+        t0 = time.perf_counter()
+        try:
+            pic = await asyncio.to_thread(
+                decode_image,
+                req.image,
+                max_pixels=self.limits.get("max_input_pixels", 4096 * 4096),
+                max_bytes=self.limits.get("max_input_bytes", 32 * 1024 * 1024),
+            )
+        except ImageInputError as exc:
+            raise BadRequest("image", str(exc), exc.status)
+        out_side = max(pic.width, pic.height) * req.scale
+        if out_side > self.limits.get("max_output_side", 8192):
+            raise BadRequest("scale", f"output would be {out_side:.0f} px on its long side; the limit is {self.limits.get('max_output_side', 8192)}")
+        batch = ImageBatch([pic], [None], {"decode": round(time.perf_counter() - t0, 4)})
+        batch = self.upscaler.upscale.remote(batch, req.scale, req.upscaler, req.use_realesrgan, False)
+        if req.use_face_restoration:
+            batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
+        return await self._respond(await batch, req.output_format, t0)
+
+    async def _respond(self, batch: ImageBatch, fmt: str, t0: float) -> ImageResponse:
+        t_enc = time.perf_counter()
+        images = await asyncio.to_thread(lambda: [encode_b64(p, fmt) for p in batch.pictures])
+        batch.add_time("encode", time.perf_counter() - t_enc)
+        batch.timings["total"] = round(time.perf_counter() - t0, 4)
+        first = batch.pictures[0]
+        seeds = [s for s in batch.seeds if s is not None]
+        return ImageResponse(
+            image=images[0],
+            images=images,
+            width=first.width,
+            height=first.height,
+            seed=seeds[0] if seeds else None,
+            seeds=seeds,
+            upscaler_used=batch.upscaler_used,
+            fallback_reason=batch.fallback_reason,
+            fallback_detail=batch.fallback_detail,
+            face_restoration=batch.face_restoration,
+            output_format=fmt,
+            timings=batch.timings,
+        )
+
+    @api.get("/health", response_model=HealthResponse)
+    async def health(self) -> HealthResponse:
+        handles = {"Upscaler": self.upscaler, "RefineFace": self.refine}
+        if self.base is not None:
+            handles["SDXLBase"] = self.base
+        infos = {}
+        for name, h in handles.items():
+            try:
+                infos[name] = await asyncio.wait_for(h.info.remote(), timeout=10)
+            except Exception as exc:  # a stage that cannot answer is reported, not fatal
+                infos[name] = {"state": "unavailable", "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+        up = infos["Upscaler"]
+        rf = infos["RefineFace"]
+        models = [ModelInfo(**m) for m in up.get("models", []) + rf.get("face_models", [])]
+        all_up = all(i.get("state") == "ready" for i in infos.values())
+        return HealthResponse(
+            status="ok" if all_up else "degraded",
+            realesrgan_available=bool(up.get("neural_available")),
+            face_restoration_available=bool(rf.get("face_available")),
+            models=models,
+            deployments=infos,
+        )
+
+    @api.get("/models", response_model=ModelsResponse)
+    async def models(self) -> ModelsResponse:
+        up, rf = await asyncio.gather(self.upscaler.info.remote(), self.refine.info.remote())
+        return ModelsResponse(
+            upscalers=[ModelInfo(**m) for m in up["models"]],
+            face_models=[ModelInfo(**m) for m in rf["face_models"]],
+        )

@@ -1,0 +1,48 @@
+"""The refine/face deployment: hires-fix img2img, the ensemble-of-experts finish, face restoration."""
+
+from __future__ import annotations
+
+import time
+
+from ray import serve
+
+from hiresfix.face import FaceRestorer, FaceSettings
+from hiresfix.schemas import FaceRestorationInfo, GenerateRequest
+from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
+from hiresfix.stages import ImageBatch
+
+
+@serve.deployment(name="RefineFace")
+class RefineFace:
+    def __init__(self, sdxl: dict | None, face: dict):
+        # sdxl is None for an upscale-only app: then this replica only restores faces.
+        self.settings = SDXLSettings.model_validate(sdxl) if sdxl is not None else None
+        self.pipe = load_refine_pipeline(self.settings) if self.settings else None
+        self.stage = RefineStage(self.pipe) if self.pipe is not None else None
+        self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
+
+    def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
+        return self.stage.finish(batch, req)
+
+    def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
+        return self.stage.hires(batch, req)
+
+    def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+        t0 = time.perf_counter()
+        pictures, found, info = [], 0, FaceRestorationInfo()
+        for pic in batch.pictures:
+            out, info = self.faces.restore(pic, weight, model)
+            pictures.append(out)
+            found += info.faces_found
+        batch.pictures = pictures
+        batch.face_restoration = info.model_copy(update={"faces_found": found})
+        batch.add_time("face", time.perf_counter() - t0)
+        return batch
+
+    def info(self) -> dict:
+        return {
+            "state": "ready",
+            "device": str(self.pipe.device) if self.pipe is not None else None,
+            "face_available": self.faces.available(),
+            "face_models": [m.model_dump() for m in self.faces.models_info()],
+        }

@@ -1,0 +1,61 @@
+"""The upscaler deployment: owns the UpscalerBank (RealESRGAN & co, LANCZOS fallback).
+
+It gets its own fractional GPU and autoscaling in serve_config.yaml. Concurrent requests are
+grouped with @serve.batch so their tiles share forward passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ray import serve
+
+from hiresfix.schemas import hires_size
+from hiresfix.stages import ImageBatch
+from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
+
+
+@serve.deployment(name="Upscaler")
+class Upscaler:
+    def __init__(self, settings: dict):
+        self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
+
+    def reconfigure(self, config: dict) -> None:
+        # user_config in YAML: batching knobs can change without restarting replicas.
+        self._run.set_max_batch_size(int(config.get("max_batch_size", 4)))
+        self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+    async def upscale(
+        self, batch: ImageBatch, scale: float, model: str | None, use_neural: bool, snap8: bool
+    ) -> ImageBatch:
+        """Resize every picture of `batch` by `scale`. snap8: hires fix needs latent-grid sizes."""
+        t0 = time.perf_counter()
+        jobs = []
+        for pic in batch.pictures:
+            if snap8:
+                size = hires_size(pic.width, pic.height, scale)
+            else:
+                size = (max(1, round(pic.width * scale)), max(1, round(pic.height * scale)))
+            jobs.append(UpscaleJob(pic, size, model, use_neural))
+        batch.record_upscale(await self._run(jobs))
+        batch.add_time("upscale", time.perf_counter() - t0)
+        return batch
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _run(self, job_lists: list[list[UpscaleJob]]) -> list[list]:
+        flat = [job for jobs in job_lists for job in jobs]
+        # The bank blocks (torch); keep the replica's event loop free to accept more requests.
+        outcomes = await asyncio.to_thread(self.bank.upscale_jobs, flat)
+        out, i = [], 0
+        for jobs in job_lists:
+            out.append(outcomes[i : i + len(jobs)])
+            i += len(jobs)
+        return out
+
+    def info(self) -> dict:
+        return {
+            "state": "ready",
+            "neural_available": self.bank.neural_available(),
+            "models": [m.model_dump() for m in self.bank.models_info()],
+        }

@@ -1,0 +1,90 @@
+"""Serve configs and the KubeRay manifest validate against Ray's and KubeRay's own schemas."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.graph import AppArgs
+from tests.conftest import REPO
+
+SCHEMA = REPO.parent / "shared" / "k8s" / "rayservice-v1.schema.json"
+CONFIGS = ["serve_config.yaml", "serve_config.cpu.yaml"]
+
+
+def load(name):
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def rayservice_validator():
+    assert SCHEMA.is_file(), f"KubeRay schema missing at {SCHEMA}: CI needs ../shared/k8s"
+    return jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_serve_config_validates_with_rays_schema(name):
+    cfg = ServeDeploySchema.model_validate(load(name))
+    app = cfg.applications[0]
+    assert app.import_path == "deployments.graph:build_app"
+    AppArgs.model_validate(app.args)  # our own args schema, extra keys forbidden
+    deps = {d.name: d for d in app.deployments}
+    assert set(deps) == {"Ingress", "SDXLBase", "Upscaler", "RefineFace"}
+    for d in deps.values():
+        assert d.max_queued_requests and d.max_queued_requests > 0, f"{d.name}: unbounded queue"
+    assert cfg.http_options.request_timeout_s, "without a request timeout a stuck stage hangs clients"
+
+
+def test_cpu_profile_asks_for_no_gpu_and_listens_locally():
+    cfg = load("serve_config.cpu.yaml")
+    assert cfg["http_options"]["host"] == "127.0.0.1" and cfg["http_options"]["port"] == 7860
+    for d in cfg["applications"][0]["deployments"]:
+        assert d.get("ray_actor_options", {}).get("num_gpus", 0) == 0, d["name"]
+    args = cfg["applications"][0]["args"]
+    assert args["sdxl"]["source"] == "tiny" and args["upscaler"]["device"] == "cpu"
+
+
+def test_gpu_profile_shares_a_gpu_and_autoscales_the_upscaler():
+    deps = {d["name"]: d for d in load("serve_config.yaml")["applications"][0]["deployments"]}
+    up = deps["Upscaler"]
+    assert 0 < up["ray_actor_options"]["num_gpus"] < 1
+    assert up["autoscaling_config"]["max_replicas"] > up["autoscaling_config"]["min_replicas"]
+    total = sum(deps[n]["ray_actor_options"].get("num_gpus", 0) for n in ("SDXLBase", "Upscaler", "RefineFace"))
+    assert total <= 1.0, "one copy of the graph must fit one GPU"
+    args = load("serve_config.yaml")["applications"][0]["args"]
+    assert args["upscaler"]["gpu_memory_fraction"] <= up["ray_actor_options"]["num_gpus"]
+    assert args["upscaler"]["default"] == "RealESRGAN_x2plus"
+
+
+def test_rayservice_manifest_validates_and_embeds_the_serve_config():
+    manifest = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    rayservice_validator().validate(manifest)
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    assert embedded == load("serve_config.yaml"), "k8s serveConfigV2 drifted from serve_config.yaml"
+    spec = manifest["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "1"
+
+
+def test_schema_validation_can_fail():
+    """Guard against a validator that accepts anything."""
+    manifest = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    bad = copy.deepcopy(manifest)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        rayservice_validator().validate(bad)
+    bad_cfg = load("serve_config.yaml")
+    bad_cfg["applications"][0]["deployments"][0]["max_ongoing_requests"] = "many"
+    with pytest.raises(Exception):
+        ServeDeploySchema.model_validate(bad_cfg)
+    bad_args = copy.deepcopy(load("serve_config.yaml")["applications"][0]["args"])
+    bad_args["upscaler"]["tile_sise"] = 256
+    with pytest.raises(Exception):
+        AppArgs.model_validate(bad_args)

@@ -1,0 +1,311 @@
+"""End to end: the real Ray Serve graph over real HTTP, tiny SDXL, real RealESRGAN weights."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+pytestmark = pytest.mark.serve
+
+TINY = {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 1234}
+
+
+def post(service, path, body, timeout=300):
+    return httpx.post(service.url + path, json=body, timeout=timeout)
+
+
+def decode(b64: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    im.load()
+    return im
+
+
+def png_b64(arr: np.ndarray, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def astronaut(size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.BICUBIC))
+
+
+def ok(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text[:2000]
+    return r.json()
+
+
+# ---------------------------------------------------------------- health / models / docs
+def test_health_reports_models_and_deployments(service):
+    h = ok(httpx.get(service.url + "/health", timeout=30))
+    assert h["status"] == "ok"
+    assert h["realesrgan_available"] is True
+    assert h["face_restoration_available"] is True
+    assert set(h["deployments"]) == {"SDXLBase", "Upscaler", "RefineFace"}
+    by_name = {m["name"]: m for m in h["models"]}
+    assert by_name["realesr-animevideov3"]["available"] is True
+    assert by_name["realesr-animevideov3"]["scale"] == 4
+    assert by_name["realesr-animevideov3"]["device"] == "cpu"
+    assert by_name["missing"]["available"] is False
+    assert by_name["missing"]["reason"] == "weights_missing"
+    assert by_name["corrupt"]["available"] is False
+    assert by_name["gfpgan-random"]["available"] is True
+    assert by_name["gfpgan-missing"]["available"] is False
+
+
+def test_models_lists_configured_upscalers_and_faces(service):
+    m = ok(httpx.get(service.url + "/models", timeout=30))
+    names = [u["name"] for u in m["upscalers"]]
+    assert names[:2] == ["realesr-animevideov3", "missing"]
+    assert [u["name"] for u in m["upscalers"] if u["default"]] == ["realesr-animevideov3"]
+    assert {f["name"] for f in m["face_models"]} == {"gfpgan-random", "gfpgan-missing"}
+
+
+def test_openapi_documents_the_schemas(service):
+    spec = ok(httpx.get(service.url + "/openapi.json", timeout=30))
+    assert {"/generate", "/upscale", "/health", "/models"} <= set(spec["paths"])
+    props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"prompt", "hires_fix", "hires_scale", "use_realesrgan", "face_restoration_weight"} <= set(props)
+    assert httpx.get(service.url + "/docs", timeout=30).status_code == 200
+
+
+# ---------------------------------------------------------------- /generate
+def test_generate_without_hires(service):
+    r = ok(post(service, "/generate", {"prompt": "a red fox", **TINY}))
+    im = decode(r["image"])
+    assert im.size == (64, 64) and (r["width"], r["height"]) == (64, 64)
+    assert r["seed"] == 1234 and r["upscaler_used"] is None and r["fallback_reason"] is None
+    assert {"base", "encode", "total"} <= set(r["timings"])
+    assert np.asarray(im).std() > 1  # an actual picture, not a flat fill
+
+
+def test_generate_random_seed_is_returned_and_reproduces(service):
+    body = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 3}
+    r1 = ok(post(service, "/generate", body))
+    assert isinstance(r1["seed"], int)
+    r2 = ok(post(service, "/generate", {**body, "seed": r1["seed"]}))
+    assert r2["image"] == r1["image"]
+
+
+def test_generate_hires_with_realesrgan(service):
+    r = ok(post(service, "/generate", {"prompt": "a castle", **TINY, "hires_fix": True, "hires_scale": 2.0}))
+    assert decode(r["image"]).size == (128, 128)
+    assert r["upscaler_used"] == "realesr-animevideov3"
+    assert r["fallback_reason"] is None
+    assert {"base", "upscale", "refine"} <= set(r["timings"])
+
+
+def test_generate_hires_realesrgan_off_uses_lanczos(service):
+    body = {"prompt": "a castle", **TINY, "hires_fix": True, "use_realesrgan": False}
+    r = ok(post(service, "/generate", body))
+    assert decode(r["image"]).size == (128, 128)
+    assert r["upscaler_used"] == "lanczos"
+    assert r["fallback_reason"] == "disabled_by_request"
+
+
+def test_generate_hires_fractional_scale_snaps_to_8(service):
+    body = {"prompt": "a boat", **TINY, "width": 64, "height": 96, "hires_fix": True, "hires_scale": 1.5}
+    r = ok(post(service, "/generate", body))
+    assert decode(r["image"]).size == (96, 144)
+
+
+def test_generate_num_images_and_formats(service):
+    r = ok(post(service, "/generate", {"prompt": "tulips", **TINY, "num_images": 2, "output_format": "jpeg"}))
+    assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2
+    assert r["images"][0] != r["images"][1]
+    assert decode(r["images"][1]).format == "JPEG"
+
+
+def test_concurrent_identical_requests_are_bit_identical(service):
+    body = {"prompt": "two cats", **TINY, "seed": 77, "hires_fix": True}
+    out = [None, None]
+
+    def go(i):
+        out[i] = post(service, "/generate", body).json()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert out[0]["image"] == out[1]["image"]
+
+
+# ---------------------------------------------------------------- /upscale and the five fallbacks
+def test_upscale_with_real_model(service):
+    src = astronaut(64)
+    r = ok(post(service, "/upscale", {"image": png_b64(src), "scale": 2}))
+    im = decode(r["image"])
+    assert im.size == (128, 128) and r["upscaler_used"] == "realesr-animevideov3"
+    assert r["fallback_reason"] is None
+    # Colour fidelity through the service: channel means within a few levels of the source.
+    assert np.abs(np.asarray(im.convert("RGB"), float).mean((0, 1)) - src.mean((0, 1))).max() < 6
+
+
+def test_upscale_fractional_scale_exact_size(service):
+    r = ok(post(service, "/upscale", {"image": png_b64(astronaut(40)), "scale": 1.5}))
+    assert decode(r["image"]).size == (60, 60)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ({"use_realesrgan": False}, "disabled_by_request"),
+        ({"upscaler": "missing"}, "weights_missing"),
+        ({"upscaler": "corrupt"}, "error"),
+        ({"upscaler": "chaos-oom"}, "out_of_memory"),
+        ({"upscaler": "chaos-error"}, "error"),
+    ],
+)
+def test_upscale_fallbacks_are_reported_and_service_survives(service, body, reason):
+    src = astronaut(48)
+    r = ok(post(service, "/upscale", {"image": png_b64(src), "scale": 2, **body}))
+    im = decode(r["image"])
+    assert im.size == (96, 96)
+    assert r["upscaler_used"] == "lanczos"
+    assert r["fallback_reason"] == reason
+    assert r["fallback_detail"]
+    # The fallback really is LANCZOS.
+    want = np.asarray(Image.fromarray(src).resize((96, 96), Image.LANCZOS), float)
+    assert np.abs(np.asarray(im.convert("RGB"), float) - want).mean() < 2.0
+    assert ok(httpx.get(service.url + "/health", timeout=30))["status"] == "ok"
+
+
+def test_hires_fallback_reported_on_generate(service):
+    body = {"prompt": "a castle", **TINY, "hires_fix": True, "upscaler": "missing"}
+    r = ok(post(service, "/generate", body))
+    assert decode(r["image"]).size == (128, 128)
+    assert (r["upscaler_used"], r["fallback_reason"]) == ("lanczos", "weights_missing")
+
+
+def test_upscale_keeps_alpha(service):
+    rgba = np.dstack([astronaut(32), np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))])
+    r = ok(post(service, "/upscale", {"image": png_b64(rgba), "scale": 2}))
+    im = decode(r["image"])
+    assert im.mode == "RGBA" and im.size == (64, 64)
+    a = np.asarray(im)[..., 3].astype(float)
+    assert a[:, :4].mean() < 30 and a[:, -4:].mean() > 225
+
+
+# ---------------------------------------------------------------- faces
+def test_face_restoration_on_upscale(service):
+    src = np.asarray(data.astronaut())
+    body = {"image": png_b64(src), "scale": 1.0, "use_realesrgan": False, "use_face_restoration": True,
+            "face_restoration_weight": 0.5}
+    r = ok(post(service, "/upscale", body, timeout=600))
+    fr = r["face_restoration"]
+    assert fr["applied"] is True and fr["faces_found"] >= 1 and fr["model"] == "gfpgan-random"
+    out = np.asarray(decode(r["image"]).convert("RGB"))
+    assert out.shape == src.shape
+    assert not np.array_equal(out, src)
+    # Far from the face (bottom-right corner) nothing changed.
+    assert np.array_equal(out[400:, 400:], src[400:, 400:])
+
+
+def test_face_model_missing_degrades(service):
+    src = astronaut(256)
+    body = {"image": png_b64(src), "scale": 1.0, "use_realesrgan": False, "use_face_restoration": True,
+            "face_model": "gfpgan-missing"}
+    r = ok(post(service, "/upscale", body))
+    fr = r["face_restoration"]
+    assert fr["applied"] is False and fr["reason"]
+    assert np.array_equal(np.asarray(decode(r["image"]).convert("RGB")), src)
+
+
+# ---------------------------------------------------------------- bad input: 4xx naming the field
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "hires_fixx": True}, "hires_fixx"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "x", "width": 100}, "width"),
+        ({"prompt": "x", "width": "wide"}, "width"),
+        ({"prompt": "x", "height": 4096}, "height"),
+        ({"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4}, "body"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "num_inference_steps": 60}, "num_inference_steps"),  # profile limit 50
+        ({"prompt": "x", "width": 1024}, "width"),  # profile limit 512
+        ({"prompt": "x", "hires_scale": 9}, "hires_scale"),
+        ({"prompt": "x", "denoising_strength": 0}, "denoising_strength"),
+        ({"prompt": "x", "face_restoration_weight": 1.5}, "face_restoration_weight"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "scheduler": "magic"}, "scheduler"),
+        ({"prompt": "x", "upscaler": "../../etc/passwd"}, "upscaler"),
+        ({"prompt": "x", "face_model": "nope"}, "face_model"),
+    ],
+)
+def test_generate_bad_input_is_4xx_naming_the_field(service, body, field):
+    r = post(service, "/generate", body, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()
+    assert any(d["field"].split(".")[0] == field for d in err["detail"]), err
+    assert field in err["error"] or field == "body"
+
+
+def _bomb_png(w: int, h: int) -> str:
+    """A tiny file that claims to be w x h: the header says huge, the payload is a few bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, "PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "image, status",
+    [
+        ("not base64 at all!!", 400),
+        (base64.b64encode(b"GIF89a garbage bytes").decode(), 400),
+        (base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode(), 400),
+        ("bomb", 413),
+    ],
+)
+def test_upscale_bad_images(service, image, status):
+    if image == "bomb":
+        image = _bomb_png(5000, 5000)
+        assert len(image) < 200_000
+    r = post(service, "/upscale", {"image": image, "scale": 2}, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["detail"][0]["field"] == "image"
+
+
+def test_upscale_output_too_large_is_rejected(service):
+    r = post(service, "/upscale", {"image": png_b64(astronaut(512)), "scale": 8}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "scale"
+
+
+def test_replicas_survive_bad_input(service):
+    h = ok(httpx.get(service.url + "/health", timeout=30))
+    assert h["status"] == "ok" and all(d["state"] == "ready" for d in h["deployments"].values())
+
+
+# ---------------------------------------------------------------- CLI against the live server
+def test_cli_generate_and_upscale(service, tmp_path):
+    cli = [sys.executable, "-m", "hiresfix.cli"]
+    out = tmp_path / "gen.png"
+    p = subprocess.run(
+        [*cli, "generate", "a tiny robot", "--url", service.url, "-o", str(out), "--width", "64",
+         "--height", "64", "--num-inference-steps", "3", "--seed", "5", "--hires-fix", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert Image.open(out).size == (128, 128)
+    assert '"upscaler_used": "realesr-animevideov3"' in p.stdout
+    up = tmp_path / "up.webp"
+    p = subprocess.run(
+        [*cli, "upscale", str(out), "--url", service.url, "-o", str(up), "--scale", "1.5", "--no-use-realesrgan",
+         "--output-format", "webp"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert Image.open(up).size == (192, 192) and Image.open(up).format == "WEBP"
+    p = subprocess.run([*cli, "generate", "x", "--url", service.url, "--width", "100"], capture_output=True, text=True)
+    assert p.returncode != 0 and "width" in p.stderr and "multiple of 8" in p.stderr
