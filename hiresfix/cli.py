@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from hiresfix.apidoc import ordered_fields
 from hiresfix.schemas import GenerateRequest, UpscaleRequest
 
 DEFAULT_URL = "http://127.0.0.1:7860"
@@ -25,7 +26,7 @@ DEFAULT_URL = "http://127.0.0.1:7860"
 
 # ---------- flags from the schema ----------
 def _add_schema_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:
-    for name, f in model.model_fields.items():
+    for name, f in ordered_fields(model):
         if name in skip:
             continue
         ann = f.annotation
