@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
+def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
     cfg = yaml.safe_load((REPO / "serve_config.cpu.yaml").read_text())
     cfg["http_options"]["port"] = port
     args = cfg["applications"][0]["args"]
@@ -70,7 +70,7 @@ class ServeApp:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "serve_test.yaml"
-        self.config.write_text(yaml.safe_dump(test_config(tmp, weights, gfpgan, self.port)))
+        self.config.write_text(yaml.safe_dump(make_test_config(tmp, weights, gfpgan, self.port)))
         self.log = tmp / "serve.log"
         env = {
             **os.environ,
