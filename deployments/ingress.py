@@ -4,8 +4,8 @@ Stages are chained by passing each DeploymentResponse straight into the next cal
 replica -> replica and only the final result comes back here.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see real types on the route methods,
+# or it reads the request body as a query parameter.
 import asyncio
 import logging
 import time

@@ -29,13 +29,17 @@ class RefineFace:
 
     def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
         t0 = time.perf_counter()
-        pictures, found, info = [], 0, FaceRestorationInfo()
-        for pic in batch.pictures:
-            out, info = self.faces.restore(pic, weight, model)
-            pictures.append(out)
-            found += info.faces_found
-        batch.pictures = pictures
-        batch.face_restoration = info.model_copy(update={"faces_found": found})
+        results = [self.faces.restore(pic, weight, model) for pic in batch.pictures]
+        batch.pictures = [out for out, _ in results]
+        infos = [info for _, info in results]
+        # One summary per response: applied if any picture was, the first reason if one was not.
+        applied = [i for i in infos if i.applied]
+        batch.face_restoration = FaceRestorationInfo(
+            applied=bool(applied),
+            faces_found=sum(i.faces_found for i in infos),
+            model=(applied or infos)[0].model,
+            reason=next((i.reason for i in infos if not i.applied), None),
+        )
         batch.add_time("face", time.perf_counter() - t0)
         return batch
 

@@ -78,8 +78,9 @@ class ServeApp:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
-            "RAY_ADDRESS": "",  # never attach to a cluster someone else is running here
         }
+        # A fresh local cluster: never attach to one someone else runs here, never their weights.
+        env.pop("RAY_ADDRESS", None)
         env.pop("HIRESFIX_WEIGHTS_DIR", None)
         serve_bin = Path(sys.executable).with_name("serve")
         self.proc = subprocess.Popen(

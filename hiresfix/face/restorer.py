@@ -1,0 +1,380 @@
+"""FaceRestorer: detect faces, align them to 512 px, restore with a spandrel model, paste back.
+
+Never raises for an environment problem (missing/corrupt weights, spandrel or torch not
+importable, OpenCV without cascades, a failure or OOM during a forward pass): the picture comes
+back unchanged with `FaceRestorationInfo(applied=False, reason="<code>: <detail>")` and the request
+succeeds. It does raise `UnknownFaceModelError` (a ValueError: a 400 for the client) when a
+request names a model that is not configured.
+
+Reason codes (the part before the colon) follow `hiresfix.schemas.FallbackReason` where they
+overlap: not_configured, not_installed, weights_missing, out_of_memory, error, plus the
+informational no_face, faces_too_small, zero_weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hiresfix.face.align import FACE_SIZE, align_face, paste_face
+from hiresfix.face.detect import DetectedFace, DetectorUnavailable, OpenCVFaceDetector
+from hiresfix.face.settings import FaceModelSpec, FaceSettings
+from hiresfix.images import Picture
+from hiresfix.schemas import FaceRestorationInfo, ModelInfo
+
+log = logging.getLogger("hiresfix.face")
+
+# spandrel architecture ids we know how to drive (CodeFormer only with spandrel_extra_arches).
+SUPPORTED_ARCHS = ("GFPGAN", "RestoreFormer", "CodeFormer")
+
+
+class UnknownFaceModelError(ValueError):
+    """A request named a face model that is not configured."""
+
+
+@dataclass
+class _Model:
+    spec: FaceModelSpec
+    path: Path
+    descriptor: Any = None  # spandrel ImageModelDescriptor once loaded
+    architecture: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    reason: str | None = None  # code, when unusable
+    detail: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def loaded(self) -> bool:
+        return self.descriptor is not None
+
+
+@dataclass
+class FaceTimings:
+    """Seconds spent per phase by the last `restore` call of this thread (bench / logging)."""
+
+    detect: float = 0.0
+    align: float = 0.0
+    forward: float = 0.0
+    paste: float = 0.0
+    faces: int = 0
+
+
+class FaceRestorer:
+    def __init__(
+        self,
+        settings: FaceSettings,
+        models: dict[str, _Model],
+        detector: OpenCVFaceDetector | None,
+        detector_error: str | None,
+    ):
+        self.settings = settings
+        self._models = models
+        self._detector = detector
+        self._detector_error = detector_error
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_settings(cls, s: FaceSettings) -> "FaceRestorer":
+        """Load every configured model now. Problems are recorded and logged, never raised."""
+        detector, detector_error = None, None
+        try:
+            detector = OpenCVFaceDetector()
+        except DetectorUnavailable as exc:
+            detector_error = f"not_installed: face detector unavailable: {exc}"
+            log.warning("face restoration disabled: %s", detector_error)
+
+        models = {m.name: _Model(spec=m, path=s.model_path(m)) for m in s.models}
+        if models:
+            spandrel_mod, torch_mod, lib_error = _import_backend()
+            for m in models.values():
+                if lib_error is not None:
+                    m.reason, m.detail = "not_installed", lib_error
+                else:
+                    _load_model(m, s, spandrel_mod, torch_mod)
+                if m.loaded:
+                    log.info(
+                        "face model %r loaded: %s on %s/%s from %s",
+                        m.spec.name, m.architecture, m.device, m.dtype, m.path,
+                    )
+                else:
+                    log.warning("face model %r unavailable (%s): %s", m.spec.name, m.reason, m.detail)
+        return cls(s, models, detector, detector_error)
+
+    # ------------------------------------------------------------------ status
+    def available(self) -> bool:
+        """True when the detector works and at least one configured restorer is loaded."""
+        return self._detector is not None and any(m.loaded for m in self._models.values())
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def resolve(self, name: str | None) -> str:
+        """The configured model a request means (None = the default). Unknown -> UnknownFaceModelError."""
+        if name is None:
+            default = self.settings.default_name()
+            if default is None:
+                raise UnknownFaceModelError("no face restoration model is configured")
+            return default
+        if name not in self._models:
+            raise UnknownFaceModelError(
+                f"unknown face model {name!r}; configured: {', '.join(self._models) or 'none'}"
+            )
+        return name
+
+    def models_info(self) -> list[ModelInfo]:
+        default = self.settings.default_name()
+        out = []
+        for name, m in self._models.items():
+            reason, detail = m.reason, m.detail
+            if m.loaded and self._detector is None:
+                reason, detail = "not_installed", self._detector_error
+            out.append(
+                ModelInfo(
+                    name=name,
+                    kind="face",
+                    available=m.loaded and self._detector is not None,
+                    default=name == default,
+                    scale=None,
+                    architecture=m.architecture,
+                    device=m.device,
+                    dtype=m.dtype,
+                    reason=reason,
+                    detail=detail,
+                )
+            )
+        return out
+
+    def descriptor(self, name: str | None = None) -> Any:
+        """The loaded spandrel descriptor of a model (None when unavailable); for ops and tests."""
+        return self._models[self.resolve(name)].descriptor
+
+    @property
+    def last_timings(self) -> FaceTimings:
+        return getattr(self._local, "timings", FaceTimings())
+
+    # ------------------------------------------------------------------ work
+    def detect(self, picture: Picture) -> list[DetectedFace]:
+        """Every verified face (any size the detector sees), largest first. Raises if no detector."""
+        if self._detector is None:
+            raise RuntimeError(self._detector_error or "face detector unavailable")
+        return self._detector.detect(picture.rgb, self.settings.min_face_size)
+
+    def restore(
+        self, picture: Picture, weight: float, model: str | None = None
+    ) -> tuple[Picture, FaceRestorationInfo]:
+        """Restore the faces of one picture; weight 0 = the input itself, 1 = fully restored.
+
+        Raises only UnknownFaceModelError (a model name that is not configured).
+        """
+        timings = FaceTimings()
+        self._local.timings = timings
+        if not self._models and model is None:
+            return picture, _not_applied(None, 0, "not_configured: no face restoration model is configured")
+        name = self.resolve(model)
+        m = self._models[name]
+        if not m.loaded:
+            return picture, _not_applied(name, 0, f"{m.reason}: {m.detail}")
+        if self._detector is None:
+            return picture, _not_applied(name, 0, self._detector_error)
+        w = float(weight)
+        w = 0.0 if not w > 0.0 else min(w, 1.0)  # NaN and negatives mean "unchanged"
+
+        found = 0
+        try:
+            t = time.perf_counter()
+            faces = self.detect(picture)
+            timings.detect = time.perf_counter() - t
+            found = len(faces)
+            if not faces:
+                return picture, _not_applied(name, 0, "no_face: no face found")
+            usable = [f for f in faces if f.size >= self.settings.min_face_size]
+            if not usable:
+                return picture, _not_applied(
+                    name,
+                    found,
+                    f"faces_too_small: {found} face(s) found, all smaller than min_face_size "
+                    f"{self.settings.min_face_size} px",
+                )
+            if w == 0.0:
+                return picture, _not_applied(name, found, "zero_weight: face_restoration_weight is 0")
+            usable = usable[: self.settings.max_faces]
+
+            rgb = None  # copied once, on the first paste; faces are always cut from the input
+            for face in usable:
+                t = time.perf_counter()
+                aligned = align_face(picture.rgb, face.landmarks, FACE_SIZE)
+                timings.align += time.perf_counter() - t
+                t = time.perf_counter()
+                restored = self.restore_crop(name, aligned.crop)
+                timings.forward += time.perf_counter() - t
+                t = time.perf_counter()
+                if picture.grayscale:
+                    restored = np.repeat(restored.mean(axis=2, keepdims=True), 3, axis=2)
+                if rgb is None:
+                    rgb = np.array(picture.rgb, dtype=np.float32, copy=True)
+                paste_face(rgb, aligned, restored, w, inplace=True)
+                timings.paste += time.perf_counter() - t
+                timings.faces += 1
+        except Exception as exc:  # a failure in the pass must not fail the request
+            code = "out_of_memory" if _is_oom(exc) else "error"
+            if code == "out_of_memory":
+                _free_cuda_cache()
+            log.warning("face restoration with %r failed; image left unchanged", name, exc_info=True)
+            return picture, _not_applied(name, found, f"{code}: {exc.__class__.__name__}: {exc}")
+        out = picture.with_pixels(rgb, picture.alpha)
+        return out, FaceRestorationInfo(applied=True, faces_found=found, model=name)
+
+    def restore_crop(self, name: str, crop: np.ndarray) -> np.ndarray:
+        """One aligned 512 x 512 x 3 float RGB face -> restored, same shape, in [0, 1]."""
+        import torch
+
+        m = self._models[self.resolve(name)]
+        if not m.loaded:
+            raise RuntimeError(f"face model {name!r} is not available: {m.detail}")
+        desc = m.descriptor
+        with m.lock, torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]
+            x = x.to(device=desc.device, dtype=desc.dtype).clamp_(0.0, 1.0)
+            if m.architecture == "GFPGAN":
+                # The raw net works in [-1, 1]. The stored noise maps make the output reproducible
+                # (upstream draws fresh noise per call; same distribution, so same quality).
+                y = desc.model(x * 2.0 - 1.0, return_rgb=False, randomize_noise=False)[0]
+                y = (y + 1.0) / 2.0
+            else:
+                y = desc(x)  # spandrel's call_fn normalises (RestoreFormer, CodeFormer)
+            y = y.clamp_(0.0, 1.0).float()[0].permute(1, 2, 0).cpu().numpy()
+        if not np.all(np.isfinite(y)):
+            raise FloatingPointError("face model produced non-finite values")
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- helpers
+def _not_applied(model: str | None, found: int, reason: str | None) -> FaceRestorationInfo:
+    return FaceRestorationInfo(applied=False, faces_found=found, model=model, reason=reason)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in str(exc).lower()
+    )
+
+
+def _free_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _import_backend():
+    """(spandrel, torch, None) or (None, None, why)."""
+    try:
+        import torch
+    except Exception as exc:
+        return None, None, f"torch cannot be imported ({exc.__class__.__name__}: {exc})"
+    try:
+        import spandrel
+    except Exception as exc:
+        return None, None, f"spandrel cannot be imported ({exc.__class__.__name__}: {exc})"
+    try:  # CodeFormer & co. (non-commercial licences): only when the operator installed them
+        import spandrel_extra_arches  # type: ignore[import-not-found]
+
+        try:
+            spandrel_extra_arches.install(ignore_duplicates=True)
+        except TypeError:
+            spandrel_extra_arches.install()
+    except ImportError:
+        pass
+    except Exception as exc:  # already installed by another component, or a version mismatch
+        log.debug("spandrel_extra_arches.install(): %s", exc)
+    return spandrel, torch, None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pick_device(s: FaceSettings, torch) -> str:
+    if s.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' is configured but torch.cuda.is_available() is False")
+    return s.device
+
+
+def _load_model(m: _Model, s: FaceSettings, spandrel, torch) -> None:
+    """Fill m.descriptor, or m.reason/m.detail. Never raises."""
+    path = m.path
+    if not path.is_file():
+        m.reason, m.detail = "weights_missing", f"weights file not found: {path}"
+        return
+    try:
+        if m.spec.sha256 is not None:
+            digest = _sha256(path)
+            if digest != m.spec.sha256:
+                m.reason = "weights_missing"
+                m.detail = f"checksum mismatch for {path}: expected {m.spec.sha256}, got {digest}"
+                return
+        device = _pick_device(s, torch)
+    except Exception as exc:
+        m.reason, m.detail = "error", f"{exc.__class__.__name__}: {exc}"
+        return
+    try:
+        desc = spandrel.ModelLoader().load_from_file(str(path))
+    except Exception as exc:
+        m.reason = "error"
+        m.detail = f"cannot load {path} as a model (corrupt or unsupported file): {exc.__class__.__name__}: {exc}"
+        return
+    arch = getattr(getattr(desc, "architecture", None), "id", None) or type(desc).__name__
+    purpose = getattr(desc, "purpose", None)
+    if purpose != "FaceSR" or arch not in SUPPORTED_ARCHS:
+        m.reason = "error"
+        m.detail = (
+            f"{path} is not a supported face restoration model (architecture {arch}, purpose {purpose}); "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+        return
+    note = None
+    try:
+        dtype = {
+            "auto": torch.float32,
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+        }[s.dtype]
+        if dtype == torch.float16 and not desc.supports_half:
+            dtype, note = torch.float32, f"{arch} does not support float16; running float32"
+        if dtype == torch.bfloat16 and not desc.supports_bfloat16:
+            dtype, note = torch.float32, f"{arch} does not support bfloat16; running float32"
+        desc.to(device)
+        desc.to(dtype)
+        desc.eval()
+        for p in desc.model.parameters():
+            p.requires_grad_(False)
+    except Exception as exc:
+        m.reason = "out_of_memory" if _is_oom(exc) else "error"
+        m.detail = f"cannot move {arch} to {device}: {exc.__class__.__name__}: {exc}"
+        return
+    if note:
+        log.warning("face model %r: %s", m.spec.name, note)
+    m.descriptor, m.architecture = desc, arch
+    m.device, m.dtype = str(desc.device), str(desc.dtype).replace("torch.", "")
+    m.detail = note
