@@ -56,7 +56,7 @@ def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
         ],
     }
     args["limits"] = {
-        "max_side": 512,
+        "max_side": 1024,
         "max_steps": 50,
         "max_input_pixels": 1024 * 1024,
         "max_input_bytes": 4 * 1024 * 1024,

@@ -233,7 +233,7 @@ def test_face_model_missing_degrades(service):
         ({"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4}, "body"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "x", "num_inference_steps": 60}, "num_inference_steps"),  # profile limit 50
-        ({"prompt": "x", "width": 1024}, "width"),  # profile limit 512
+        ({"prompt": "x", "width": 1536}, "width"),  # profile limit 1024
         ({"prompt": "x", "hires_scale": 9}, "hires_scale"),
         ({"prompt": "x", "denoising_strength": 0}, "denoising_strength"),
         ({"prompt": "x", "face_restoration_weight": 1.5}, "face_restoration_weight"),

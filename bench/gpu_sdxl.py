@@ -1,0 +1,266 @@
+"""GPU benchmark of the SDXL hires fix with a FULL-SIZE SDXL of random weights (nothing downloaded).
+
+The architecture is the published stabilityai/stable-diffusion-xl-base-1.0 one, written inline
+below; weights are random, so the pictures are meaningless but every kernel, shape and byte of
+VRAM is that of the real model. It runs the product's own stages (hiresfix.sdxl.BaseStage /
+RefineStage) on the same request the service gets:
+
+    base 768 px, 30 steps  ->  upscale x2 to 1536 px  ->  img2img refine at strength 0.5
+
+and prints the time of each part, the whole hires fix, and peak VRAM. No Ray.
+
+    python bench/gpu_sdxl.py                     # fp16 on cuda, LANCZOS upscale
+    python bench/gpu_sdxl.py --upscaler-weights RealESRGAN_x2plus.pth   # spandrel, if installed
+    python bench/gpu_sdxl.py --tiny --device cpu --size 64 --steps 4 --repeats 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+
+from hiresfix.images import Picture  # noqa: E402
+from hiresfix.schemas import GenerateRequest  # noqa: E402
+from hiresfix.sdxl import BaseStage, RefineStage  # noqa: E402
+from hiresfix.sdxl.tiny import SDXL_SCHEDULER, clip_tokenizer, tiny_sdxl_pipeline  # noqa: E402
+
+# --- stabilityai/stable-diffusion-xl-base-1.0, as published (unet/, vae/, text_encoder*/) -------
+
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + 1280 pooled text
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+)
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    # madebyollin/sdxl-vae-fp16-fix (what serve_config.yaml runs) says False; the stock VAE says
+    # True and then diffusers decodes in float32 (--stock-vae).
+    force_upcast=False,
+)
+CLIP_L = dict(  # openai/clip-vit-large-patch14 text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768, layer_norm_eps=1e-5,
+)
+CLIP_BIGG = dict(  # laion/CLIP-ViT-bigG-14-laion2B-39B-b160k text tower
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+    projection_dim=1280, layer_norm_eps=1e-5,
+)
+# Parameter counts of the published weights: a typo in the configs above changes them.
+PUBLISHED_PARAMS = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                    "text_encoder_2": 694_659_840}
+
+
+def full_size_sdxl(device: str, dtype: torch.dtype, stock_vae: bool = False) -> StableDiffusionXLPipeline:
+    tokenizer = clip_tokenizer(tempfile.mkdtemp(prefix="sdxl-tok-"))  # small vocab; ids fit 49408
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise straight on the GPU: seconds, not minutes
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**{**SDXL_VAE, "force_upcast": stock_vae})
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **ids))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+    for name, want in PUBLISHED_PARAMS.items():
+        got = sum(p.numel() for p in getattr(pipe, name).parameters())
+        assert got == want, f"{name}: {got:,} parameters, the published model has {want:,}"
+    return pipe.to(device=device, dtype=dtype)
+
+
+# --- the measured request -----------------------------------------------------------------------
+
+
+class Upscale:
+    """LANCZOS (always available) or a RealESRGAN file through spandrel, like the upscale stage."""
+
+    def __init__(self, weights: str | None, device: str, dtype: torch.dtype):
+        self.model, self.name = None, "lanczos"
+        if weights:
+            try:
+                from spandrel import ModelLoader
+            except ImportError:
+                print("spandrel is not importable: upscaling with LANCZOS", file=sys.stderr)
+            else:
+                self.model = ModelLoader().load_from_file(weights).to(device).eval()
+                if dtype == torch.float16 and self.model.supports_half:
+                    self.model.half()
+                self.name = f"{self.model.architecture.name} x{self.model.scale} (spandrel)"
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def __call__(self, batch, size: tuple[int, int]):
+        pictures = []
+        for pic in batch.pictures:
+            im = pic.to_pil()
+            if self.model is not None:
+                x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].to(self.device, self.model.dtype)
+                y = self.model(x)[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+                im = Picture(y).to_pil()
+            pictures.append(Picture.from_pil(im.resize(size, Image.LANCZOS)))
+        return dataclasses.replace(batch, pictures=pictures, timings=dict(batch.timings))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: str) -> tuple[float, float]:
+    if not device.startswith("cuda"):
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def hires_fix(base: BaseStage, refine: RefineStage, upscale: Upscale, req: GenerateRequest, device: str) -> dict:
+    t = {}
+    sync(device)
+    t0 = time.perf_counter()
+    batch = base.run(req)
+    sync(device)
+    t1 = time.perf_counter()
+    batch = upscale(batch, req.output_size())
+    sync(device)
+    t2 = time.perf_counter()
+    out = refine.hires(batch, req)
+    sync(device)
+    t3 = time.perf_counter()
+    assert out.pictures[0].size == req.output_size()
+    t.update(base=t1 - t0, upscale=t2 - t1, refine=t3 - t2, hires_fix=t3 - t0)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--size", type=int, default=768, help="base width = height")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--scale", type=float, default=2.0)
+    ap.add_argument("--strength", type=float, default=0.5)
+    ap.add_argument("--scheduler", default="euler")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--upscaler-weights", help="a RealESRGAN .pth/.safetensors (spandrel); default LANCZOS")
+    ap.add_argument("--stock-vae", action="store_true", help="force_upcast VAE (decode in fp32)")
+    ap.add_argument("--no-vae-tiling", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (first run compiles)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny SDXL instead (smoke-test this script)")
+    args = ap.parse_args()
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device: this benchmark needs a GPU (or --tiny --device cpu for a smoke test)")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+    t0 = time.perf_counter()
+    if args.tiny:
+        pipe = tiny_sdxl_pipeline(workdir=tempfile.mkdtemp()).to(device=device, dtype=dtype)
+    else:
+        pipe = full_size_sdxl(device, dtype, stock_vae=args.stock_vae)
+    pipe.set_progress_bar_config(disable=True)
+    if not args.no_vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.compile:
+        pipe.unet.compile()
+    # Refine with the base weights, shared (the service's default: no separate refiner).
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, dtype=dtype)
+    base, refine = BaseStage(pipe), RefineStage(img2img)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # drop the float32 construction buffers from the reserved figure
+    upscale = Upscale(args.upscaler_weights, device, dtype)
+    build_s = time.perf_counter() - t0
+    weights_gib = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
+                      pipe.text_encoder_2) for p in m.parameters()) / 2**30
+
+    req = GenerateRequest(
+        prompt="a photo of an astronaut riding a horse on the moon, detailed, sharp",
+        negative_prompt="blurry, ugly", seed=1234, width=args.size, height=args.size,
+        num_inference_steps=args.steps, guidance_scale=7.0, scheduler=args.scheduler,
+        hires_fix=True, hires_scale=args.scale, denoising_strength=args.strength,
+    )
+    # Warm-up: cuDNN/cuBLAS autotuning, allocator growth, compilation; not measured.
+    hires_fix(base, refine, upscale, req.model_copy(update={"num_inference_steps": 4}), device)
+
+    runs = []
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.repeats):
+        runs.append(hires_fix(base, refine, upscale, req, device))
+    allocated, reserved = peak_gib(device)
+
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    refine_steps = int(args.steps * args.strength)
+    out_w, out_h = req.output_size()
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"{name}, {args.dtype}, {'tiny' if args.tiny else 'full-size'} SDXL with random weights"
+          f" ({weights_gib:.2f} GiB), built in {build_s:.1f} s; median of {args.repeats} runs")
+    rows = [
+        (f"base {args.size}x{args.size}, {args.steps} steps, {args.scheduler}", med["base"], args.steps),
+        (f"upscale to {out_w}x{out_h} ({upscale.name})", med["upscale"], 0),
+        (f"refine {out_w}x{out_h}, strength {args.strength}, {refine_steps} steps", med["refine"], refine_steps),
+        ("hires fix, total", med["hires_fix"], 0),
+    ]
+    for label, seconds, steps in rows:
+        rate = f"  {steps / seconds:6.2f} it/s (incl. text encoding and VAE)" if steps else ""
+        print(f"  {label:<58} {seconds:8.2f} s{rate}")
+    print(f"  peak VRAM while serving: {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved")
+    print(json.dumps({"device": name, "dtype": args.dtype, "tiny": args.tiny, "size": args.size,
+                      "steps": args.steps, "output": [out_w, out_h], "strength": args.strength,
+                      "upscaler": upscale.name, "median_s": {k: round(v, 3) for k, v in med.items()},
+                      "runs_s": runs, "peak_vram_gib": {"allocated": round(allocated, 2),
+                                                        "reserved": round(reserved, 2)}}))
+
+
+if __name__ == "__main__":
+    main()
