@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import threading
 import time
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="download official upscaler weights (checksummed)")
     w.add_argument("names", nargs="*", help="model names (default: all known)")
-    w.add_argument("--weights-dir", default="weights")
+    w.add_argument("--weights-dir", default=os.environ.get("HIRESFIX_WEIGHTS_DIR", "weights"),
+                   help="target folder (default: $HIRESFIX_WEIGHTS_DIR or ./weights)")
     w.set_defaults(func=cmd_weights)
 
     c = sub.add_parser("compare", help="side-by-side PNG: LANCZOS vs neural upscalers, with a zoomed crop")

@@ -3,6 +3,10 @@
 Every stage passes a `Picture`: float32 RGB in [0, 1] plus optional alpha, and what the source
 was (bit depth, grayscale) so that the encoder can give back the same kind of file. Keeping floats
 between stages means a 16-bit PNG is never squeezed through 8 bits halfway.
+
+Format fidelity kept through decode -> encode: 16-bit PNG (RGB, RGBA, grey, grey+alpha), grayscale,
+alpha (including palette and colour-key transparency), the embedded ICC profile (`info["icc_profile"]`,
+written back into PNG/JPEG/WebP), and EXIF orientation (applied to the pixels, then dropped).
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,6 +25,8 @@ from PIL import Image, ImageOps
 # Decompression-bomb guard: checked on the header, before any pixel is decoded.
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 DEFAULT_MAX_INPUT_BYTES = 32 * 1024 * 1024
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageInputError(ValueError):
@@ -49,7 +58,8 @@ class Picture:
         return self.width, self.height
 
     def with_pixels(self, rgb: np.ndarray, alpha: np.ndarray | None = None) -> "Picture":
-        return replace(self, rgb=rgb.astype(np.float32, copy=False), alpha=alpha)
+        # info is copied: two stages holding the same dict would see each other's edits.
+        return replace(self, rgb=rgb.astype(np.float32, copy=False), alpha=alpha, info=dict(self.info))
 
     # --- PIL bridges (8-bit; what diffusers and OpenCV stages consume) ---
     @classmethod
@@ -75,27 +85,37 @@ def _to_u16(a: np.ndarray) -> np.ndarray:
     return (np.clip(a, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
 
 
-def _from_pil(im: Image.Image) -> Picture:
+def _from_pil(im: Image.Image, source_bits: int | None = None) -> Picture:
+    """PIL image -> Picture. `source_bits` (from the PNG header) disambiguates PIL's mode "I"."""
     mode = im.mode
+    icc = im.info.get("icc_profile")
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale PNGs open as I;16 (or I). Keep the 16 bits.
         a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
-        g = (a / peak).astype(np.float32)
-        return Picture(np.repeat(g[..., None], 3, axis=2), None, 16 if peak > 255 else 8, True)
-    if mode == "F":
+        if source_bits is not None:
+            sixteen = source_bits == 16
+        else:
+            sixteen = mode.startswith("I;16") or a.max() > 255
+        g = np.clip(a / (65535.0 if sixteen else 255.0), 0.0, 1.0).astype(np.float32)
+        pic = Picture(np.repeat(g[..., None], 3, axis=2), None, 16 if sixteen else 8, True)
+    elif mode == "F":
         g = np.clip(np.asarray(im, dtype=np.float32), 0, 1)
-        return Picture(np.repeat(g[..., None], 3, axis=2), None, 16, True)
-    grayscale = mode in ("L", "LA", "1")
-    has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info)
-    rgba = im.convert("RGBA" if has_alpha else "RGB")
-    a = np.asarray(rgba, dtype=np.float32) / 255.0
-    return Picture(
-        np.ascontiguousarray(a[..., :3]),
-        np.ascontiguousarray(a[..., 3]) if has_alpha else None,
-        8,
-        grayscale,
-    )
+        pic = Picture(np.repeat(g[..., None], 3, axis=2), None, 16, True)
+    else:
+        grayscale = mode in ("L", "LA", "La", "1")
+        # Palette and colour-key (tRNS) transparency become a real alpha channel.
+        has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+        rgba = im.convert("RGBA" if has_alpha else "RGB")
+        a = np.asarray(rgba, dtype=np.float32) / 255.0
+        pic = Picture(
+            np.ascontiguousarray(a[..., :3]),
+            np.ascontiguousarray(a[..., 3]) if has_alpha else None,
+            8,
+            grayscale,
+        )
+    if icc:
+        pic.info["icc_profile"] = icc
+    return pic
 
 
 def decode_image(
@@ -105,15 +125,23 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> Picture:
     """Base64 (or raw bytes) -> Picture, refusing bombs, junk and unsupported formats with 4xx."""
-    raw = _b64decode(data) if isinstance(data, str) else data
+    raw = _b64decode(data) if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
         raise ImageInputError(
             f"image is {len(raw)} bytes; the limit is {max_bytes} bytes: send a smaller file", 413
         )
+    if not raw:
+        raise ImageInputError("image is empty: send PNG, JPEG or WebP bytes")
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
-            fmt = probe.format
-            w, h = probe.size
+        with warnings.catch_warnings():
+            # Our own pixel limit (below) is the guard; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as probe:
+                fmt = probe.format
+                w, h = probe.size
+    except Image.DecompressionBombError as exc:
+        # PIL refuses headers beyond twice its own limit before we can read the size.
+        raise ImageInputError(f"image is too large ({exc}): the limit is {max_pixels} pixels", 413)
     except Exception as exc:  # PIL raises many types for junk
         raise ImageInputError(f"image could not be decoded ({exc.__class__.__name__}): send PNG, JPEG or WebP")
     if fmt not in ("PNG", "JPEG", "WEBP"):
@@ -122,15 +150,18 @@ def decode_image(
         raise ImageInputError(
             f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}: send a smaller image", 413
         )
-    if fmt == "PNG":
-        pic = _decode_png_16(raw)
-        if pic is not None:
-            return pic
+    png_bits = raw[24] if fmt == "PNG" and len(raw) > 25 else None
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)  # phone photos: apply orientation, then forget it
-            pic = _from_pil(im)
+        pic = _decode_png_16(raw) if fmt == "PNG" else None
+        if pic is not None:
+            pic = _orient(pic, _png_orientation(raw))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(raw)) as im:
+                    im.load()
+                    im = ImageOps.exif_transpose(im)  # phone photos: apply orientation, then forget it
+                    pic = _from_pil(im, png_bits)
     except ImageInputError:
         raise
     except Exception as exc:
@@ -140,26 +171,92 @@ def decode_image(
 
 
 def _decode_png_16(raw: bytes) -> Picture | None:
-    """PIL drops 16-bit colour PNGs to 8 bits; OpenCV keeps them. Only used for 16-bit colour."""
+    """PIL drops 16-bit colour (and grey+alpha) PNGs to 8 bits; OpenCV keeps them."""
     import cv2
 
-    # Bit depth lives at byte 24 of the IHDR chunk; colour type at 25 (2 = RGB, 6 = RGBA).
-    if len(raw) < 26 or raw[24] != 16 or raw[25] not in (2, 6):
+    # Bit depth lives at byte 24 of the IHDR chunk; colour type at 25 (2 RGB, 4 grey+alpha, 6 RGBA).
+    if len(raw) < 26 or raw[24] != 16 or raw[25] not in (2, 4, 6):
         return None
     arr = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16:
+    if arr is None:
+        raise ImageInputError("image data is corrupt (16-bit PNG could not be decoded)")
+    if arr.dtype != np.uint16 or arr.ndim != 3:
         return None
     a = arr.astype(np.float32) / 65535.0
-    rgb = a[..., 2::-1] if a.shape[2] >= 3 else a  # BGR(A) -> RGB
+    rgb = a[..., 2::-1]  # BGR(A) -> RGB; OpenCV expands grey+alpha to BGRA
     alpha = a[..., 3] if a.shape[2] == 4 else None
-    pic = Picture(np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha), 16)
-    pic.info["source_format"] = "png"
+    pic = Picture(
+        np.ascontiguousarray(rgb),
+        None if alpha is None else np.ascontiguousarray(alpha),
+        16,
+        grayscale=raw[25] == 4,
+    )
+    icc = _png_icc(raw)
+    if icc:
+        pic.info["icc_profile"] = icc
     return pic
+
+
+def _png_chunks(raw: bytes):
+    """(type, body) of each PNG chunk, read from the bytes without decoding any pixels."""
+    pos = 8
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        yield kind, raw[pos + 8:pos + 8 + length]
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _png_icc(raw: bytes) -> bytes | None:
+    for kind, body in _png_chunks(raw):
+        if kind == b"iCCP":
+            name_end = body.find(b"\x00")
+            try:
+                return zlib.decompress(body[name_end + 2:])  # skip name, NUL, compression method
+            except zlib.error:
+                return None
+    return None
+
+
+def _png_orientation(raw: bytes) -> int:
+    """EXIF orientation from a PNG eXIf chunk (PIL would decode the whole image to find it)."""
+    for kind, body in _png_chunks(raw):
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(body)
+            except Exception:  # a broken EXIF block is not worth refusing the image for
+                return 1
+            return int(exif.get(0x0112, 1))
+    return 1
+
+
+# EXIF orientation -> numpy ops on (H, W, ...) arrays, for the paths that bypass PIL's transpose.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orient(pic: Picture, orientation: int) -> Picture:
+    op = _ORIENT.get(orientation)
+    if op is None:
+        return pic
+    alpha = None if pic.alpha is None else np.ascontiguousarray(op(pic.alpha))
+    return replace(pic, rgb=np.ascontiguousarray(op(pic.rgb)), alpha=alpha)
 
 
 def _b64decode(s: str) -> bytes:
     if s.startswith("data:"):
         s = s.split(",", 1)[-1]
+    # Many encoders wrap base64 at 76 columns; the line breaks are not part of the data.
+    s = "".join(s.split())
     try:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
@@ -167,12 +264,41 @@ def _b64decode(s: str) -> bytes:
 
 
 def encode_image(pic: Picture, fmt: str = "png", quality: int = 95) -> bytes:
-    """Picture -> file bytes. PNG keeps 16 bits, grayscale and alpha; JPEG drops alpha (on white)."""
+    """Picture -> file bytes. PNG keeps 16 bits, grayscale and alpha; JPEG drops alpha (on white).
+
+    The ICC profile the source carried is embedded again, so wide-gamut photos keep their colours.
+    """
     fmt = fmt.lower()
+    icc = pic.info.get("icc_profile")
     if fmt == "png" and pic.bit_depth == 16:
+        return _encode_png_16(pic, icc)
+    im = pic.to_pil()
+    if pic.grayscale:
+        im = im.convert("LA" if pic.alpha is not None else "L")
+    out = io.BytesIO()
+    extra = {"icc_profile": icc} if icc else {}
+    if fmt == "jpeg":
+        if im.mode in ("RGBA", "LA"):
+            bg = Image.new("RGB", im.size, (255, 255, 255))
+            bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[3])
+            im = bg.convert("L") if pic.grayscale else bg
+        im.save(out, "JPEG", quality=quality, **extra)
+    elif fmt == "webp":
+        im.save(out, "WEBP", quality=quality, **extra)
+    else:
+        im.save(out, "PNG", **extra)
+    return out.getvalue()
+
+
+def _encode_png_16(pic: Picture, icc: bytes | None) -> bytes:
+    if pic.grayscale and pic.alpha is not None:
+        # OpenCV cannot write grey+alpha; the format is simple enough to write directly.
+        la = np.dstack([_to_u16(pic.rgb.mean(axis=2)), _to_u16(pic.alpha)]).astype(">u2")
+        data = _png_raw(pic.width, pic.height, 4, la)
+    else:
         import cv2
 
-        if pic.grayscale and pic.alpha is None:
+        if pic.grayscale:
             arr = _to_u16(pic.rgb.mean(axis=2))
         else:
             arr = _to_u16(pic.rgb[..., ::-1])  # RGB -> BGR
@@ -181,22 +307,29 @@ def encode_image(pic: Picture, fmt: str = "png", quality: int = 95) -> bytes:
         ok, buf = cv2.imencode(".png", arr)
         if not ok:
             raise RuntimeError("PNG encode failed")
-        return buf.tobytes()
-    im = pic.to_pil()
-    if pic.grayscale:
-        im = im.convert("LA" if pic.alpha is not None else "L")
-    out = io.BytesIO()
-    if fmt == "jpeg":
-        if im.mode in ("RGBA", "LA"):
-            bg = Image.new("RGB", im.size, (255, 255, 255))
-            bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[3])
-            im = bg.convert("L") if pic.grayscale else bg
-        im.save(out, "JPEG", quality=quality)
-    elif fmt == "webp":
-        im.save(out, "WEBP", quality=quality)
-    else:
-        im.save(out, "PNG")
-    return out.getvalue()
+        data = buf.tobytes()
+    return _png_insert_icc(data, icc) if icc else data
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png_raw(width: int, height: int, color_type: int, pixels_be: np.ndarray) -> bytes:
+    """A 16-bit PNG from big-endian samples (rows unfiltered; zlib does the work)."""
+    rows = pixels_be.reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    scan = b"".join(b"\x00" + rows[i * stride:(i + 1) * stride] for i in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(scan, 6))
+            + _png_chunk(b"IEND", b""))
+
+
+def _png_insert_icc(data: bytes, icc: bytes) -> bytes:
+    """Add an iCCP chunk right after IHDR (where the PNG spec wants it: before PLTE/IDAT)."""
+    ihdr_end = 8 + 8 + 13 + 4
+    body = b"ICC profile\x00\x00" + zlib.compress(icc)
+    return data[:ihdr_end] + _png_chunk(b"iCCP", body) + data[ihdr_end:]
 
 
 def encode_b64(pic: Picture, fmt: str = "png") -> str:

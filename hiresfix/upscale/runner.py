@@ -1,0 +1,188 @@
+"""One loaded upscaler: spandrel load, device/precision choice, and a guarded batch forward.
+
+Imported lazily by the bank (it imports torch), so that a missing torch/spandrel is a recorded
+`not_installed` status rather than an import error of the whole package.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+
+import torch
+
+from hiresfix.upscale.caps import ModelCaps
+from hiresfix.upscale.settings import UpscalerModelSpec, UpscalerSettings
+
+log = logging.getLogger("hiresfix.upscale")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+_threads_lock = threading.Lock()
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op thread count (process-wide) when the bank is built, not per request:
+    all usable cores unless configured.
+
+    torch defaults to the physical core count of the host, which in a container limited by CPU
+    affinity oversubscribes; sched_getaffinity is what this process may actually use.
+    """
+    if num_threads:
+        want = num_threads
+    elif hasattr(os, "sched_getaffinity"):
+        want = len(os.sched_getaffinity(0))
+    else:
+        want = os.cpu_count() or 1
+    with _threads_lock:
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+    return want
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cpu":
+        return torch.device("cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' is configured but torch sees no CUDA GPU: set device to auto or cpu")
+    if setting == "cuda" or torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def configure_gpu(settings: UpscalerSettings) -> None:
+    """Cap this process's share of the GPU: Ray's fractional num_gpus only schedules, it does not
+    stop a replica from taking the whole card."""
+    if settings.gpu_memory_fraction is None or not torch.cuda.is_available() or settings.device == "cpu":
+        return
+    torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def pick_dtype(setting: str, device: torch.device, caps: ModelCaps) -> torch.dtype:
+    """auto: the cheapest precision the model supports on a GPU (fp16, then bf16); fp32 on CPU,
+    where half precision is slower, not faster. An explicit choice the model lacks falls back to fp32."""
+    supported = {torch.float32: True, torch.float16: caps.supports_fp16, torch.bfloat16: caps.supports_bf16}
+    if setting == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return next(d for d in (torch.float16, torch.bfloat16, torch.float32) if supported[d])
+    dtype = DTYPES[setting]
+    if not supported[dtype]:
+        log.warning("upscaler: %s does not support %s; using fp32", caps.architecture, setting)
+        return torch.float32
+    return dtype
+
+
+def load_descriptor(path: str):
+    """spandrel is imported here, not at module level: ImportError means not_installed."""
+    import spandrel
+
+    desc = spandrel.ModelLoader().load_from_file(path)
+    if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.purpose not in ("SR", "Restoration"):
+        kind = getattr(desc, "purpose", type(desc).__name__)
+        raise ValueError(f"{desc.architecture.name} is a {kind} model, not a super-resolution upscaler")
+    return desc
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class Runner:
+    """A model on its device, in its working precision, behind a lock (one forward at a time)."""
+
+    def __init__(self, spec: UpscalerModelSpec, desc, settings: UpscalerSettings):
+        self.spec = spec
+        self.caps = ModelCaps.from_descriptor(desc)
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, self.device, self.caps)
+        self.min_tile = settings.min_tile
+        module = desc.model.eval()
+        # The fp32 master stays on the CPU: tiles whose low-precision output is NaN/inf/black are
+        # redone with it (moved to the device only the first time that happens).
+        self._fp32_cpu = copy.deepcopy(module) if self.dtype != torch.float32 else None
+        self._fp32_dev: torch.nn.Module | None = None
+        self.module = module.to(self.device, self.dtype)
+        self.lock = threading.Lock()
+        self.redone_tiles = 0
+        self._smoke_test()
+
+    @torch.inference_mode()
+    def _smoke_test(self) -> None:
+        """One tiny forward at load, so a precision the device cannot run (or a net that cannot run
+        at all) shows up in the model status now, not as an error on every request."""
+        side = self.caps.size.tile_side(8)
+        x = torch.rand(1, self.caps.in_channels, side, side, device=self.device)
+        if self.dtype != torch.float32:
+            try:
+                self.module(x.to(self.dtype))
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.warning("upscaler %s: %s forward fails on %s (%s); using fp32",
+                            self.spec.name, self.dtype_name, self.device, exc)
+                self.module = self._fp32_cpu.to(self.device)
+                self.dtype, self._fp32_cpu = torch.float32, None
+        self.module(x)
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    def _fp32_module(self) -> torch.nn.Module:
+        if self.dtype == torch.float32:
+            return self.module
+        if self._fp32_dev is None:
+            self._fp32_dev = self._fp32_cpu.to(self.device)
+        return self._fp32_dev
+
+    def _inject(self, x: torch.Tensor) -> None:
+        fault = self.spec.inject_fault
+        if fault == "oom" and max(x.shape[-2:]) > self.min_tile:
+            raise torch.OutOfMemoryError(
+                f"injected fault: out of memory for a {x.shape[-1]}x{x.shape[-2]} tile (min_tile {self.min_tile})"
+            )
+        if fault == "error":
+            raise RuntimeError("injected fault: forward failed")
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU float32 (B, 3, h, w) in [0, 1] -> float32 (B, 3, h*s, w*s) in [0, 1] on the device."""
+        self._inject(x)
+        xd = x.to(self.device, non_blocking=True)
+        y = self.module(xd.to(self.dtype)).float()
+        if self.dtype != torch.float32:
+            bad = _failed(xd, y)
+            if bool(bad.any()):
+                # fp16 overflows to inf in some nets (large activations), which then spreads NaN.
+                y[bad] = self._fp32_module()(xd[bad]).float()
+                self.redone_tiles += int(bad.sum())
+                log.warning(
+                    "upscaler %s: %d tile(s) gave NaN/inf/black output in %s; redone in fp32",
+                    self.spec.name, int(bad.sum()), self.dtype_name,
+                )
+        if not bool(torch.isfinite(y).all()):
+            raise FloatingPointError(f"model {self.spec.name} produced NaN/inf even in fp32")
+        return y.clamp_(0.0, 1.0)
+
+
+def _failed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample: non-finite output, or black output for an input that is not black."""
+    nonfinite = ~torch.isfinite(y).flatten(1).all(dim=1)
+    in_max = x.flatten(1).amax(dim=1)
+    out_max = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0).flatten(1).amax(dim=1)
+    black = (in_max > 0.05) & (out_max < 0.1 * in_max)
+    return nonfinite | black

@@ -1,0 +1,501 @@
+"""UpscalerBank with the real RealESRGAN weights: quality, tiling, formats, fallbacks, faults.
+
+The weights come from /work/shared/weights (override: HIRESFIX_TEST_WEIGHTS). When they are
+missing these tests FAIL: a skipped quality test is a quality test that never runs.
+Mostly the fast Compact net (animevideov3) on 32-128 px crops; RRDB only on tiny crops.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.filters import sobel
+
+from hiresfix.images import Picture, decode_image, encode_image
+from hiresfix.schemas import FallbackReason
+from hiresfix.upscale import UnknownModelError, UpscaleJob, UpscalerBank, UpscalerModelSpec, UpscalerSettings
+from hiresfix.upscale.resample import resize_picture
+
+torch.set_num_threads(1)
+
+WEIGHTS = Path(os.environ.get("HIRESFIX_TEST_WEIGHTS")
+               or Path(__file__).resolve().parents[2] / "shared" / "weights")
+ANIME = "realesr-animevideov3-x4.safetensors"
+ANIME_6B = "realesrgan-x4plus-anime.safetensors"
+X4PLUS = "realesrgan-x4plus.safetensors"
+X4PLUS_SHA = "f966e86a81490679ef79f350269d9ccdc64dbadef714eda5cec1d9c652cdb7bc"
+
+
+def weights(file: str) -> Path:
+    p = WEIGHTS / file
+    if not p.is_file():
+        pytest.fail(f"real weights missing: {p} (set HIRESFIX_TEST_WEIGHTS to the folder that has {file})")
+    return p
+
+
+def settings(*models: UpscalerModelSpec, **kw) -> UpscalerSettings:
+    kw.setdefault("num_threads", 1)
+    return UpscalerSettings(weights_dir=str(WEIGHTS), models=list(models), **kw)
+
+
+def spec(name="anime", file=ANIME, **kw) -> UpscalerModelSpec:
+    return UpscalerModelSpec(name=name, file=file, **kw)
+
+
+@pytest.fixture(scope="module")
+def bank() -> UpscalerBank:
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec(), tile_size=512))
+    assert b.neural_available(), b.models_info()
+    return b
+
+
+def photo(y=0, x=0, size=64, img=None) -> Picture:
+    img = data.astronaut() if img is None else img
+    return Picture(np.ascontiguousarray(img[y:y + size, x:x + size], dtype=np.float32) / 255.0)
+
+
+def psnr(a, b) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * np.log10(1.0 / max(mse, 1e-20))
+
+
+# --------------------------------------------------------------------------- quality
+def test_quality_against_ground_truth(bank):
+    """astronaut 512 -> BICUBIC /4 -> x4: sharper than LANCZOS, PSNR close to it, colours kept.
+    (GAN nets trade a little PSNR for detail on clean bicubic input; see weights/README.md.)"""
+    orig = data.astronaut()
+    small = np.asarray(Image.fromarray(orig).resize((128, 128), Image.Resampling.BICUBIC))
+    pic = Picture(small.astype(np.float32) / 255)
+    neural = bank.upscale([pic], 4)[0]
+    lanczos = bank.upscale([pic], 4, use_neural=False)[0]
+    assert neural.upscaler_used == "anime" and neural.fallback_reason is None
+    assert neural.picture.size == (512, 512)
+
+    def u8(a):
+        return np.round(np.clip(a, 0, 1) * 255) / 255
+
+    o, m, l = orig / 255.0, u8(neural.picture.rgb), u8(lanczos.picture.rgb)
+    inner = (slice(4, -4), slice(4, -4))
+
+    def grad(a):
+        return float(np.mean(sobel(a[inner].mean(axis=2))))
+
+    g_model, g_lanczos = grad(m) / grad(o), grad(l) / grad(o)
+    assert g_model > g_lanczos + 0.07, (g_model, g_lanczos)  # measured 0.85 vs 0.74
+    assert psnr(o[inner], m[inner]) > psnr(o[inner], l[inner]) - 2.0  # measured 24.3 vs 25.7 dB
+    assert np.abs(m.mean(axis=(0, 1)) - o.mean(axis=(0, 1))).max() * 255 < 3.0  # measured <= 1.4 levels
+
+
+def test_rgb_order_kept(bank):
+    rgb = np.zeros((32, 48, 3), np.float32)
+    rgb[:, :16, 0] = 0.9  # red | green | blue stripes
+    rgb[:, 16:32, 1] = 0.9
+    rgb[:, 32:, 2] = 0.9
+    out = bank.upscale([Picture(rgb)], 2)[0].picture.rgb
+    for i in range(3):
+        stripe = out[8:56, i * 32 + 8:i * 32 + 24].mean(axis=(0, 1))
+        assert stripe.argmax() == i and stripe[i] > 0.7 and np.delete(stripe, i).max() < 0.15, stripe
+
+
+def test_tiled_equals_untiled_compact():
+    weights(ANIME)
+    pic = photo(60, 180, 128)
+    whole = UpscalerBank.from_settings(settings(spec(), tile_size=1024)).upscale([pic], 4)[0].picture.rgb
+    b = UpscalerBank.from_settings(settings(spec(), tile_size=40, tile_overlap=16, min_tile=16, tile_batch=4))
+    tiled = b.upscale([pic], 4)[0].picture.rgb
+    assert psnr(whole, tiled) >= 45.0
+    # No seam: even the worst output column / row stays close to the untiled result.
+    col = np.mean((whole - tiled) ** 2, axis=(0, 2))
+    row = np.mean((whole - tiled) ** 2, axis=(1, 2))
+    assert 10 * np.log10(1 / max(col.max(), row.max(), 1e-20)) >= 40.0
+
+
+def test_tiled_equals_untiled_rrdb():
+    """RRDB (6 blocks) sees much further than Compact: tiles need overlap 32 and room around it."""
+    weights(ANIME_6B)
+    pic = photo(120, 200, 64)
+    s = dict(tile_overlap=32, min_tile=32)
+    whole = UpscalerBank.from_settings(settings(spec("a6", ANIME_6B), tile_size=512, **s)).upscale([pic], 4)[0]
+    b = UpscalerBank.from_settings(settings(spec("a6", ANIME_6B), tile_size=64, **s))
+    calls = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    tiled = b.upscale([pic], 4)[0]
+    assert len(calls) >= 1 and all(max(c[-2:]) <= 64 for c in calls) and sum(c[0] for c in calls) == 4
+    assert psnr(whole.picture.rgb, tiled.picture.rgb) >= 45.0
+
+
+def test_x4plus_with_checksum_on_tiny_crop():
+    weights(X4PLUS)
+    b = UpscalerBank.from_settings(settings(spec("x4plus", X4PLUS, sha256=X4PLUS_SHA)))
+    info = b.models_info()[0]
+    assert info.available and info.architecture == "ESRGAN" and info.scale == 4
+    pic = photo(200, 220, 20)
+    out = b.upscale([pic], 4)[0]
+    assert out.upscaler_used == "x4plus" and out.picture.size == (80, 80)
+    # Sane: close to LANCZOS on average (same picture), not noise.
+    ref = resize_picture(pic, (80, 80)).rgb
+    assert psnr(out.picture.rgb, ref) > 20
+
+
+# --------------------------------------------------------------------------- sizes and scales
+@pytest.mark.parametrize("target", [(48, 48), (72, 40), (101, 67), (129, 129), (200, 150)])
+def test_exact_target_sizes(bank, target):
+    pic = photo(100, 100, 40)
+    out = bank.upscale_jobs([UpscaleJob(pic, target)])[0]
+    assert out.picture.size == target and out.picture.rgb.dtype == np.float32
+    assert out.picture.rgb.min() >= 0 and out.picture.rgb.max() <= 1
+    assert out.upscaler_used == "anime" and out.fallback_reason is None
+
+
+def test_arbitrary_scale_rounds(bank):
+    pic = photo(0, 0, 37)
+    assert bank.upscale([pic], 1.5)[0].picture.size == (56, 56)  # round(55.5) = 56
+
+
+def test_scale_one_is_identity(bank):
+    """Documented choice: no model pass for target == source; the outcome still names the model."""
+    pic = photo(0, 0, 32)
+    out = bank.upscale([pic], 1.0)[0]
+    assert out.upscaler_used == "anime" and out.fallback_reason is None
+    assert np.array_equal(out.picture.rgb, pic.rgb)
+
+
+def test_jobs_sharing_a_model_share_forward_passes():
+    """Concurrent requests (one upscale_jobs call under @serve.batch) share forward passes."""
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec(), tile_size=96, tile_overlap=8, min_tile=16, tile_batch=8))
+    calls = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    pics = [photo(0, 0, 90), photo(200, 200, 90), photo(300, 100, 90)]  # 4 tiles of 53 px each
+    together = b.upscale_jobs([UpscaleJob(p, (180, 180)) for p in pics])
+    assert calls == [3, 3, 3, 3]  # 12 tiles in 4 full passes (3 x 53^2 px fit in 96^2)
+    calls.clear()
+    alone = [b.upscale([p], 2)[0] for p in pics]
+    assert calls == [3, 1] * 3
+    for t, a in zip(together, alone):
+        assert t.upscaler_used == "anime" and np.allclose(t.picture.rgb, a.picture.rgb, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- formats
+def test_alpha_kept_and_upscaled(bank):
+    pic = photo(100, 150, 48)
+    yy, xx = np.mgrid[:48, :48]
+    pic.alpha = ((yy - 24) ** 2 + (xx - 24) ** 2 < 15 ** 2).astype(np.float32)
+    out = bank.upscale([pic], 2)[0].picture
+    assert out.alpha is not None and out.alpha.shape == (96, 96)
+    assert out.alpha.min() >= 0 and out.alpha.max() <= 1
+    ref = resize_picture(pic, (96, 96)).alpha
+    assert np.abs(out.alpha - ref).mean() < 0.03  # same disc, same place
+    assert out.alpha[48, 48] > 0.95 and out.alpha[2, 2] < 0.05
+    # Constant alpha needs no model pass and stays exactly constant.
+    pic.alpha = np.full((48, 48), 0.5, np.float32)
+    assert np.all(bank.upscale([pic], 2)[0].picture.alpha == 0.5)
+
+
+def test_16bit_png_stays_16bit(bank):
+    h, w = 32, 40
+    yy, xx = np.mgrid[:h, :w]
+    ramp = ((yy * w + xx) * 37 % 65536).astype(np.uint16)  # values no 8-bit image holds
+    bgr = np.dstack([ramp, 65535 - ramp, (ramp // 3 + 9000)]).astype(np.uint16)
+    ok, png = cv2.imencode(".png", bgr)
+    pic = decode_image(png.tobytes())
+    assert pic.bit_depth == 16
+    out = bank.upscale([pic], 2)[0].picture
+    assert out.bit_depth == 16 and not out.grayscale
+    back = cv2.imdecode(np.frombuffer(encode_image(out, "png"), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and back.shape == (2 * h, 2 * w, 3)
+    assert np.mean(back % 257 != 0) > 0.5  # not 8-bit values stretched to 16
+    again = decode_image(encode_image(out, "png"))
+    assert again.bit_depth == 16 and np.abs(again.rgb - out.rgb).max() < 1 / 65535 + 1e-6
+
+
+def test_grayscale_round_trip(bank):
+    buf = io.BytesIO()
+    Image.fromarray(data.camera()[200:248, 200:248]).save(buf, "PNG")
+    pic = decode_image(buf.getvalue())
+    assert pic.grayscale
+    out = bank.upscale([pic], 2)[0].picture
+    assert out.grayscale and np.array_equal(out.rgb[..., 0], out.rgb[..., 2])
+    with Image.open(io.BytesIO(encode_image(out, "png"))) as im:
+        assert im.mode == "L" and im.size == (96, 96)
+
+
+def test_palette_png_with_transparency(bank):
+    im = Image.fromarray(data.astronaut()[100:132, 150:182]).quantize(16)
+    im.info["transparency"] = 0
+    buf = io.BytesIO()
+    im.save(buf, "PNG", transparency=0)
+    pic = decode_image(buf.getvalue())
+    assert pic.alpha is not None and pic.alpha.min() == 0 and pic.alpha.max() == 1
+    out = bank.upscale([pic], 2)[0].picture
+    with Image.open(io.BytesIO(encode_image(out, "png"))) as back:
+        assert back.mode == "RGBA" and back.size == (64, 64)
+
+
+def test_exif_orientation_applied(bank):
+    im = Image.fromarray(data.astronaut()[0:40, 0:24])  # 24 wide, 40 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif, quality=95)
+    pic = decode_image(buf.getvalue())
+    assert pic.size == (40, 24)
+    assert bank.upscale([pic], 2)[0].picture.size == (80, 48)
+
+
+# --------------------------------------------------------------------------- faults
+def test_injected_oom_halves_the_tile_then_succeeds(caplog):
+    weights(ANIME)
+    pic = photo(60, 180, 64)
+    clean = UpscalerBank.from_settings(settings(spec(), tile_size=512)).upscale([pic], 4)[0].picture.rgb
+    b = UpscalerBank.from_settings(settings(spec(inject_fault="oom"), tile_size=128, min_tile=32,
+                                            tile_overlap=16))
+    with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
+        out = b.upscale([pic], 4)[0]
+    assert out.upscaler_used == "anime" and out.fallback_reason is None
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "at 32 px" in retries[-1]  # 128 -> 64 -> 32
+    assert psnr(out.picture.rgb, clean) >= 45.0
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                 RuntimeError("CUDA error: out of memory")])
+def test_oom_at_every_tile_falls_back_to_lanczos(exc, caplog):
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec(), tile_size=128, min_tile=32))
+    sizes = []
+
+    def always_oom(module, args):
+        sizes.append(max(args[0].shape[-2:]))
+        raise exc
+
+    b.runner().module.register_forward_pre_hook(always_oom)
+    pic = photo(0, 0, 80)
+    with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
+        out = b.upscale([pic], 2)[0]
+    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.out_of_memory
+    assert "32 px" in out.fallback_detail
+    assert max(sizes) > 64 and min(sizes) <= 32 and len(set(sizes)) == 3  # three tile sizes tried
+    assert np.array_equal(out.picture.rgb, resize_picture(pic, (160, 160)).rgb)
+    assert any("fell back to LANCZOS (out_of_memory)" in r.getMessage() for r in caplog.records)
+
+
+def test_injected_error_falls_back_with_detail(caplog):
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec(inject_fault="error")))
+    with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
+        out = b.upscale([photo()], 2)[0]
+    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.error
+    assert "injected fault" in out.fallback_detail and "anime" in out.fallback_detail
+    assert any("(error)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("failure", ["nan", "inf", "black"])
+def test_low_precision_failure_redone_in_fp32(failure, caplog):
+    """bf16 on CPU (fp16 on GPU): a tile whose low-precision output is NaN/inf/black is redone in
+    fp32. The failure is injected by a forward hook on the low-precision module only."""
+    weights(ANIME)
+    pic = photo(60, 180, 48)
+    ref = UpscalerBank.from_settings(settings(spec())).upscale([pic], 2)[0].picture.rgb
+    b = UpscalerBank.from_settings(settings(spec(), dtype="bf16", tile_size=32, min_tile=16, tile_overlap=8))
+    r = b.runner()
+    assert r.dtype_name == "bf16" and b.models_info()[0].dtype == "bf16"
+    fill = {"nan": float("nan"), "inf": float("inf"), "black": 0.0}[failure]
+    hit = []
+
+    def corrupt(module, args, output):
+        if output.dtype != torch.float32:
+            hit.append(output.shape[0])
+            return torch.full_like(output, fill)
+        return output
+
+    r.module.register_forward_hook(corrupt)
+    with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
+        out = b.upscale([pic], 2)[0]
+    assert hit and out.upscaler_used == "anime" and out.fallback_reason is None
+    assert r.redone_tiles == sum(hit)
+    assert psnr(out.picture.rgb, ref) >= 45.0  # fp32 redo, tiled vs untiled
+    assert any("redone in fp32" in rec.getMessage() for rec in caplog.records)
+
+
+def test_weights_missing(tmp_path):
+    b = UpscalerBank.from_settings(UpscalerSettings(
+        weights_dir=str(tmp_path), num_threads=1,
+        models=[spec("gone", "RealESRGAN_x4plus.pth"), spec("own", "mine.pth", url="https://example.org/m.pth")]))
+    assert not b.neural_available()
+    info, own = b.models_info()
+    assert not info.available and info.reason == "weights_missing"
+    assert str(tmp_path / "RealESRGAN_x4plus.pth") in info.detail
+    assert f"hiresfix weights RealESRGAN_x4plus --weights-dir {tmp_path}" in info.detail
+    assert own.reason == "weights_missing" and "download https://example.org/m.pth" in own.detail
+    out = b.upscale([photo()], 2)[0]
+    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.weights_missing
+    assert "RealESRGAN_x4plus.pth" in out.fallback_detail
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_corrupt_file_is_an_error(tmp_path, suffix):
+    (tmp_path / f"bad{suffix}").write_bytes(b"\x00garbage" * 100)
+    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(tmp_path), num_threads=1,
+                                                    models=[spec("bad", f"bad{suffix}")]))
+    info = b.models_info()[0]
+    assert not info.available and info.reason == "error" and "could not load" in info.detail
+    assert b.upscale([photo()], 2)[0].fallback_reason is FallbackReason.error
+
+
+def test_sha256_mismatch_makes_model_unavailable():
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec(sha256="0" * 64)))
+    info = b.models_info()[0]
+    assert not info.available and info.reason == "weights_missing" and "checksum" in info.detail
+    assert b.upscale([photo()], 2)[0].fallback_reason is FallbackReason.weights_missing
+
+
+@pytest.mark.parametrize("missing", ["spandrel", "torch"])
+def test_not_installed(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
+    b = UpscalerBank.from_settings(settings(spec()))
+    info = b.models_info()[0]
+    assert not info.available and info.reason == "not_installed" and missing in info.detail
+    out = b.upscale([photo()], 2)[0]
+    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.not_installed
+
+
+def test_unknown_name(bank):
+    with pytest.raises(UnknownModelError, match="anime"):
+        bank.resolve("nope")
+    with pytest.raises(UnknownModelError, match=r"unknown upscaler 'nope'; configured: anime"):
+        bank.upscale([photo()], 2, model="nope")
+    assert bank.resolve(None) == "anime" and bank.resolve("anime") == "anime"
+
+
+def test_disabled_by_request(bank):
+    pic = photo(0, 0, 40)
+    out = bank.upscale([pic], 2, use_neural=False)[0]
+    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.disabled_by_request
+    assert np.array_equal(out.picture.rgb, resize_picture(pic, (80, 80)).rgb)
+
+
+def test_no_models_configured():
+    b = UpscalerBank.from_settings(UpscalerSettings(num_threads=1))
+    assert b.names() == [] and b.default_name() is None and not b.neural_available()
+    out = b.upscale([photo()], 2)[0]
+    assert out.fallback_reason is FallbackReason.weights_missing and "no upscaler" in out.fallback_detail
+    with pytest.raises(UnknownModelError):
+        b.resolve(None)
+
+
+def test_models_info_and_default(tmp_path):
+    weights(ANIME)
+    s = settings(spec("a"), spec("b", str(weights(ANIME))), spec("c", "missing.pth"), default="b")
+    b = UpscalerBank.from_settings(s)
+    assert b.names() == ["a", "b", "c"] and b.default_name() == "b" and b.neural_available()
+    infos = {i.name: i for i in b.models_info()}
+    assert infos["b"].default and not infos["a"].default
+    assert infos["a"].kind == "upscaler" and infos["a"].scale == 4 and infos["a"].device == "cpu"
+    assert infos["a"].dtype == "fp32" and infos["a"].architecture == "RealESRGAN Compact"
+    assert infos["c"].reason == "weights_missing" and infos["c"].scale is None
+    # A mixed batch: each job gets its own outcome, in order.
+    outs = b.upscale_jobs([UpscaleJob(photo(), (128, 128), "c"), UpscaleJob(photo(), (128, 128)),
+                           UpscaleJob(photo(), (128, 128), "a", use_neural=False)])
+    assert [o.upscaler_used for o in outs] == ["lanczos", "b", "lanczos"]
+    assert [o.fallback_reason for o in outs] == [FallbackReason.weights_missing, None,
+                                                 FallbackReason.disabled_by_request]
+
+
+def test_settings_env_override_and_validation(monkeypatch):
+    monkeypatch.setenv("HIRESFIX_WEIGHTS_DIR", "/mnt/w")
+    assert UpscalerSettings(weights_dir="elsewhere").weights_dir == "/mnt/w"
+    assert UpscalerSettings.model_validate({}).weights_dir == "/mnt/w"
+    monkeypatch.delenv("HIRESFIX_WEIGHTS_DIR")
+    assert UpscalerSettings().weights_dir == "weights"
+    with pytest.raises(ValueError, match="unique"):
+        UpscalerSettings(models=[spec("a"), spec("a")])
+    with pytest.raises(ValueError, match="not configured"):
+        UpscalerSettings(models=[spec("a")], default="b")
+    with pytest.raises(ValueError):
+        UpscalerSettings(tile_sise=256)  # extra="forbid": typos are errors
+    with pytest.raises(ValueError):
+        UpscalerModelSpec(name="a", file="a.pth", inject_fault="segfault")
+
+
+# --------------------------------------------------------------------------- RealESRGAN_x2plus layout
+def _x2plus_state_dict(nf=8, nb=1, seed=0) -> tuple[dict, torch.nn.Module]:
+    """A random RRDBNet in RealESRGAN_x2plus layout: pixel-unshuffle by 2 (12 input channels), x4
+    body, xinntao's key names (conv_first, body.N.rdbM.convK, conv_body, conv_up1/2, conv_hr, conv_last)."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    net = ESRGAN(in_nc=12, out_nc=3, num_filters=nf, num_blocks=nb, scale=4, shuffle_factor=2).eval()
+    names = {"0": "conv_first", f"1.sub.{nb}": "conv_body", "3": "conv_up1", "6": "conv_up2",
+             "8": "conv_hr", "10": "conv_last"}
+    sd = {}
+    for k, v in net.state_dict().items():
+        m = re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", k)
+        if m:
+            sd[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = v.clone()
+        else:
+            m = re.fullmatch(r"model\.(.+)\.(weight|bias)", k)
+            sd[f"{names[m[1]]}.{m[2]}"] = v.clone()
+    return sd, net
+
+
+@pytest.fixture(scope="module")
+def x2plus_files(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    sd, net = _x2plus_state_dict()
+    d = tmp_path_factory.mktemp("x2plus")
+    torch.save({"params_ema": sd}, d / "RealESRGAN_x2plus.pth")  # upstream wraps it like this
+    save_file(sd, str(d / "RealESRGAN_x2plus.safetensors"))
+    return d, net
+
+
+@pytest.mark.parametrize("file", ["RealESRGAN_x2plus.pth", "RealESRGAN_x2plus.safetensors"])
+def test_x2plus_layout_loads_and_runs(x2plus_files, file):
+    d, net = x2plus_files
+    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(d), num_threads=1, tile_size=512,
+                                                    models=[spec("x2", file)]))
+    info = b.models_info()[0]
+    assert info.available, info.detail
+    assert info.scale == 2 and info.architecture == "ESRGAN"
+    r = b.runner()
+    assert r.caps.size.multiple_of == 4 and "unshuffle" in r.caps.tags
+    pic = photo(100, 100, 30)  # not a multiple of 4: the plan pads to the model's needs
+    out = b.upscale([pic], 2)[0]
+    assert out.upscaler_used == "x2" and out.picture.size == (60, 60)
+    assert b.upscale_jobs([UpscaleJob(pic, (45, 37))])[0].picture.size == (45, 37)
+    # The very same network: away from the frame edge (reflect vs zero padding) outputs agree.
+    x = torch.from_numpy(photo(100, 100, 32).rgb).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        want = net(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    got = b.upscale([photo(100, 100, 32)], 2)[0].picture.rgb
+    inner = (slice(24, -24), slice(24, -24))
+    assert psnr(got[inner], want[inner]) > 40
+
+
+@pytest.mark.parametrize("mode,passes", [("resample", 1), ("repeat", 2)])
+def test_beyond_native_scale(x2plus_files, mode, passes):
+    d, _ = x2plus_files
+    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(d), num_threads=1, beyond_native=mode,
+                                                    models=[spec("x2", "RealESRGAN_x2plus.safetensors")]))
+    seen = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    out = b.upscale([photo(0, 0, 24)], 4)[0]
+    assert out.picture.size == (96, 96) and out.fallback_reason is None
+    # repeat: a second pass on the x2 output (48 px + border context); resample: one pass only.
+    assert len({s for s in seen}) == passes
