@@ -103,6 +103,9 @@ class Ingress:
             for name in ("width", "height"):
                 if getattr(req, name) > max_side:
                     raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {max_side}")
+        max_out = self.limits.get("max_output_side")
+        if req.hires_fix and max_out and max(req.output_size()) > max_out:
+            raise BadRequest("hires_scale", f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {max_out}: lower hires_scale or the base size")
         max_steps = self.limits.get("max_steps")
         if max_steps and req.num_inference_steps > max_steps:
             raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {max_steps}")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Hard bounds that protect a replica whatever the profile. A profile may be stricter (ingress limits).
+# Hard bounds that protect a replica whatever the profile. Profiles set stricter ones (ingress limits,
+# including the largest hires output side).
 MAX_SIDE = 2048
-MAX_OUTPUT_SIDE = 8192
 MAX_STEPS = 150
 SEED_MAX = 2**32 - 1
 
@@ -99,17 +99,6 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
         return v
-
-    @model_validator(mode="after")
-    def _output_bounded(self) -> "GenerateRequest":
-        if self.hires_fix:
-            side = max(self.width, self.height) * self.hires_scale
-            if side > MAX_OUTPUT_SIDE:
-                raise ValueError(
-                    f"hires output would be {side:.0f} px on its long side; max is {MAX_OUTPUT_SIDE}:"
-                    " lower hires_scale or the base size"
-                )
-        return self
 
     def output_size(self) -> tuple[int, int]:
         if not self.hires_fix:

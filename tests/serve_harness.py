@@ -42,7 +42,8 @@ def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
             {"name": "realesr-animevideov3", "file": "realesr-animevideov3-x4.safetensors"},
             {"name": "missing", "file": "no-such-model.pth"},
             {"name": "corrupt", "file": str(corrupt)},
-            {"name": "chaos-oom", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "oom"},
+            {"name": "chaos-oom", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "oom_always"},
+            {"name": "chaos-oom-recovers", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "oom"},
             {"name": "chaos-error", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "error"},
         ],
     )

@@ -178,6 +178,13 @@ def test_upscale_fallbacks_are_reported_and_service_survives(service, body, reas
     assert ok(httpx.get(service.url + "/health", timeout=30))["status"] == "ok"
 
 
+def test_upscale_oom_retries_with_smaller_tiles_before_falling_back(service):
+    # Tiles above min_tile "run out of memory": halving recovers, so the neural model still serves.
+    r = ok(post(service, "/upscale", {"image": png_b64(astronaut(96)), "scale": 2, "upscaler": "chaos-oom-recovers"}))
+    assert (r["upscaler_used"], r["fallback_reason"]) == ("chaos-oom-recovers", None)
+    assert decode(r["image"]).size == (192, 192)
+
+
 def test_hires_fallback_reported_on_generate(service):
     body = {"prompt": "a castle", **TINY, "hires_fix": True, "upscaler": "missing"}
     r = ok(post(service, "/generate", body))
@@ -230,7 +237,7 @@ def test_face_model_missing_degrades(service):
         ({"prompt": "x", "width": 100}, "width"),
         ({"prompt": "x", "width": "wide"}, "width"),
         ({"prompt": "x", "height": 4096}, "height"),
-        ({"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4}, "body"),
+        ({"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4}, "hires_scale"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "x", "num_inference_steps": 60}, "num_inference_steps"),  # profile limit 50
         ({"prompt": "x", "width": 1536}, "width"),  # profile limit 1024

@@ -151,7 +151,7 @@ class Runner:
 
     def _inject(self, x: torch.Tensor) -> None:
         fault = self.spec.inject_fault
-        if fault == "oom" and max(x.shape[-2:]) > self.min_tile:
+        if fault == "oom_always" or (fault == "oom" and max(x.shape[-2:]) > self.min_tile):
             raise torch.OutOfMemoryError(
                 f"injected fault: out of memory for a {x.shape[-1]}x{x.shape[-2]} tile (min_tile {self.min_tile})"
             )

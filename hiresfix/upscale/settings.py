@@ -26,11 +26,13 @@ class UpscalerModelSpec(BaseModel):
         description="Checked at load; a mismatch makes the model unavailable (weights_missing).",
     )
     url: str | None = Field(None, description="Official release URL, used by the `weights` command.")
-    inject_fault: Literal["oom", "error"] | None = Field(
+    inject_fault: Literal["oom", "oom_always", "error"] | None = Field(
         None,
         description=(
             "Chaos testing only. 'oom': forward raises torch.OutOfMemoryError for tiles larger than"
-            " min_tile (exercises the halving retry). 'error': forward raises RuntimeError."
+            " min_tile (exercises the halving retry, which then succeeds). 'oom_always': every forward"
+            " runs out of memory (halving down to min_tile, then the LANCZOS fallback)."
+            " 'error': forward raises RuntimeError."
         ),
     )
 

@@ -1,0 +1,37 @@
+"""The request schemas: defaults that clients rely on, and the errors that name what to change."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hiresfix.schemas import GenerateRequest, UpscaleRequest, hires_size
+
+
+def test_defaults_match_the_client_contract():
+    r = GenerateRequest(prompt="a cat")
+    assert (r.width, r.height, r.num_inference_steps) == (768, 768, 30)
+    assert (r.hires_fix, r.hires_scale, r.hires_steps, r.use_realesrgan) == (False, 2.0, 0, True)
+    assert (r.use_face_restoration, r.face_restoration_weight, r.output_format) == (False, 0.6, "png")
+    assert r.output_size() == (768, 768)
+    assert r.model_copy(update={"hires_fix": True}).output_size() == (1536, 1536)
+    assert UpscaleRequest(image="x").scale == 2.0
+
+
+def test_hires_sizes_snap_to_the_latent_grid():
+    assert hires_size(768, 768, 2.0) == (1536, 1536)
+    assert hires_size(64, 96, 1.5) == (96, 144)
+    assert all(v % 8 == 0 for v in hires_size(72, 200, 1.3))
+
+
+def errors(**kw):
+    with pytest.raises(ValidationError) as e:
+        GenerateRequest(**kw)
+    return {(".".join(map(str, x["loc"])) or "body"): x["msg"] for x in e.value.errors()}
+
+
+def test_messages_say_what_to_change():
+    assert "try 96 or 104" in errors(prompt="x", width=100)["width"]
+    assert "some text" in errors(prompt="   ")["prompt"]
+    assert "extra" in errors(prompt="x", hires_fixx=True)["hires_fixx"].lower()
+    assert "less than or equal to 4" in errors(prompt="x", hires_fix=True, hires_scale=4.5)["hires_scale"]
