@@ -83,8 +83,8 @@ def _assert_changes_inside(before: np.ndarray, after: np.ndarray, regions) -> np
 
 # ---------------------------------------------------------------- settings
 def test_settings_validation(monkeypatch, tmp_path):
-    with pytest.raises(ValidationError, match="not supported in this version"):
-        FaceSettings(detector="retinaface", retinaface_file="x.pth")
+    with pytest.raises(ValidationError, match="needs retinaface_file"):
+        FaceSettings(detector="retinaface")  # more in test_face_retinaface.py
     with pytest.raises(ValidationError, match="unique"):
         FaceSettings(models=[{"name": "a", "file": "x"}, {"name": "a", "file": "y"}])
     with pytest.raises(ValidationError, match="not a configured model"):

@@ -1,5 +1,10 @@
 """FaceRestorer: detect faces, align them to 512 px, restore with a spandrel model, paste back.
 
+Detection is OpenCV's Haar cascades, or RetinaFace (`detector: retinaface`, facexlib's weight file).
+A RetinaFace file that cannot be used (missing, checksum mismatch, corrupt, not a RetinaFace, torch
+not importable, device unavailable) does not disable the pass: detection falls back to OpenCV, with a
+warning in the log and a "detector fallback: ..." note in every face model's `models_info` detail.
+
 Never raises for an environment problem (missing/corrupt weights, spandrel or torch not
 importable, OpenCV without cascades, a failure or OOM during a forward pass): the picture comes
 back unchanged with `FaceRestorationInfo(applied=False, reason="<code>: <detail>")` and the request
@@ -72,25 +77,22 @@ class FaceRestorer:
         self,
         settings: FaceSettings,
         models: dict[str, _Model],
-        detector: OpenCVFaceDetector | None,
+        detector: Any,  # OpenCVFaceDetector | RetinaFaceDetector | None
         detector_error: str | None,
+        detector_note: str | None = None,
     ):
         self.settings = settings
         self._models = models
         self._detector = detector
         self._detector_error = detector_error
+        self._detector_note = detector_note  # which detector runs / why not the configured one
         self._local = threading.local()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_settings(cls, s: FaceSettings) -> "FaceRestorer":
         """Load every configured model now. Problems are recorded and logged, never raised."""
-        detector, detector_error = None, None
-        try:
-            detector = OpenCVFaceDetector()
-        except DetectorUnavailable as exc:
-            detector_error = f"not_installed: face detector unavailable: {exc}"
-            log.warning("face restoration disabled: %s", detector_error)
+        detector, detector_error, detector_note = _build_detector(s)
 
         models = {m.name: _Model(spec=m, path=s.model_path(m)) for m in s.models}
         if models:
@@ -107,12 +109,27 @@ class FaceRestorer:
                     )
                 else:
                     log.warning("face model %r unavailable (%s): %s", m.spec.name, m.reason, m.detail)
-        return cls(s, models, detector, detector_error)
+        return cls(s, models, detector, detector_error, detector_note)
 
     # ------------------------------------------------------------------ status
     def available(self) -> bool:
         """True when the detector works and at least one configured restorer is loaded."""
         return self._detector is not None and any(m.loaded for m in self._models.values())
+
+    @property
+    def detector(self) -> Any:
+        """The detector in use (OpenCVFaceDetector or RetinaFaceDetector), None if none works."""
+        return self._detector
+
+    @property
+    def detector_name(self) -> str | None:
+        """"opencv", "retinaface", or None when no detector works."""
+        return getattr(self._detector, "name", None)
+
+    @property
+    def detector_detail(self) -> str | None:
+        """Which detector runs, or why the configured one does not (also in models_info detail)."""
+        return self._detector_note
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -137,6 +154,8 @@ class FaceRestorer:
             reason, detail = m.reason, m.detail
             if m.loaded and self._detector is None:
                 reason, detail = "not_installed", self._detector_error
+            elif m.loaded and self._detector_note:
+                detail = "; ".join(x for x in (detail, self._detector_note) if x)
             out.append(
                 ModelInfo(
                     name=name,
@@ -302,6 +321,56 @@ def _import_backend():
     except Exception as exc:  # already installed by another component, or a version mismatch
         log.debug("spandrel_extra_arches.install(): %s", exc)
     return spandrel, torch, None
+
+
+def _build_detector(s: FaceSettings) -> tuple[Any, str | None, str | None]:
+    """(detector, error, note). RetinaFace when configured and usable, else OpenCV. Never raises."""
+    note, why = None, None
+    if s.detector == "retinaface":
+        det, why = _load_retinaface(s)
+        if det is not None:
+            note = f"detector: retinaface ({det.describe()})"
+            log.info("face detector: %s from %s", det.describe(), s.retinaface_path())
+            return det, None, note
+        note = f"detector fallback: retinaface unavailable ({why}); using opencv"
+        log.warning("RetinaFace face detector unavailable (%s); falling back to the OpenCV detector", why)
+    try:
+        return OpenCVFaceDetector(), None, note
+    except DetectorUnavailable as exc:
+        error = f"not_installed: face detector unavailable: {exc}"
+        if why:
+            error += f"; retinaface unavailable too ({why})"
+        log.warning("face restoration disabled: %s", error)
+        return None, error, note
+
+
+def _load_retinaface(s: FaceSettings):
+    """(RetinaFaceDetector, None) or (None, "<code>: <detail>"). Never raises."""
+    path = s.retinaface_path()
+    if path is None or not path.is_file():
+        return None, f"weights_missing: weights file not found: {path}"
+    try:
+        import torch
+    except Exception as exc:
+        return None, f"not_installed: torch cannot be imported ({exc.__class__.__name__}: {exc})"
+    try:
+        if s.retinaface_sha256 is not None:
+            digest = _sha256(path)
+            if digest != s.retinaface_sha256:
+                return None, f"weights_missing: checksum mismatch for {path}: expected {s.retinaface_sha256}, got {digest}"
+        device = _pick_device(s, torch)
+        from hiresfix.face.retinaface import RetinaFaceDetector
+    except Exception as exc:
+        return None, f"error: {exc.__class__.__name__}: {exc}"
+    try:
+        det = RetinaFaceDetector.from_file(path, device=device, threshold=s.detector_threshold)
+    except Exception as exc:
+        code = "out_of_memory" if _is_oom(exc) else "error"
+        return None, (
+            f"{code}: cannot load {path} as a RetinaFace detector (corrupt or unsupported file): "
+            f"{exc.__class__.__name__}: {exc}"
+        )
+    return det, None
 
 
 def _sha256(path: Path) -> str:
