@@ -316,3 +316,18 @@ def test_cli_generate_and_upscale(service, tmp_path):
     assert Image.open(up).size == (192, 192) and Image.open(up).format == "WEBP"
     p = subprocess.run([*cli, "generate", "x", "--url", service.url, "--width", "100"], capture_output=True, text=True)
     assert p.returncode != 0 and "width" in p.stderr and "multiple of 8" in p.stderr
+
+
+def test_cli_compare_writes_a_labelled_sheet(service, tmp_path):
+    src = tmp_path / "src.png"
+    Image.fromarray(astronaut(64)).save(src)
+    out = tmp_path / "compare.png"
+    p = subprocess.run(
+        [sys.executable, "-m", "hiresfix.cli", "compare", "--url", service.url, "--input", str(src),
+         "--upscaler", "realesr-animevideov3", "--upscaler", "missing", "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    sheet = Image.open(out)
+    # Original + three results (LANCZOS, the model, the fallback) side by side, and a zoom row.
+    assert sheet.width >= 4 * 128 and sheet.height > 128
