@@ -152,7 +152,11 @@ def rf_dir(tmp_path_factory):
     torch.save(mnet, d / "detection_mobilenet0.25_Final.pth")
     torch.save({"module." + k: v for k, v in mnet.items()}, d / "mnet_module.pth")
     save_file({k: v.contiguous() for k, v in mnet.items()}, str(d / "mnet.safetensors"))
-    torch.save({k: v for k, v in mnet.items() if not k.endswith("num_batches_tracked")}, d / "mnet_old_torch.pth")
+    torch.save(  # how a torch < 1.6 file looks: legacy (non-zip) pickle, no num_batches_tracked
+        {"module." + k: v for k, v in mnet.items() if not k.endswith("num_batches_tracked")},
+        d / "mnet_old_torch.pth",
+        _use_new_zipfile_serialization=False,
+    )
     torch.save(Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=2, upscale=2).state_dict(), d / "compact.pth")
     (d / "corrupt.pth").write_bytes(b"PK\x03\x04 this is not a torch file" * 100)
     torch.manual_seed(0)
