@@ -17,9 +17,10 @@ from hiresfix.upscale.download import KNOWN_WEIGHTS, DownloadError, download_spe
 
 def test_known_table_is_official_and_hashes_are_real_or_none():
     assert set(KNOWN_WEIGHTS) == {"RealESRGAN_x2plus", "RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B",
-                                  "realesr-animevideov3", "realesr-general-x4v3"}
+                                  "realesr-animevideov3", "realesr-general-x4v3", "GFPGANv1.4"}
     for name, w in KNOWN_WEIGHTS.items():
-        assert w.url.startswith("https://github.com/xinntao/Real-ESRGAN/releases/download/")
+        assert w.url.startswith(("https://github.com/xinntao/Real-ESRGAN/releases/download/",
+                                 "https://github.com/TencentARC/GFPGAN/releases/download/"))
         assert w.url.endswith("/" + w.file) and w.file == name + ".pth"
         assert w.sha256 is None or len(w.sha256) == 64
 
@@ -61,7 +62,7 @@ def test_download_weights_names(tmp_path, monkeypatch):
     monkeypatch.setattr("hiresfix.upscale.download.fetch", lambda url, dest, sha, **kw: seen.append(url) or dest)
     for everything in ("all", None, []):  # the CLI passes None when no name is given
         seen.clear()
-        assert len(download_weights(everything, tmp_path)) == 5 and len(seen) == 5
+        assert len(download_weights(everything, tmp_path)) == 6 and len(seen) == 6
     assert download_weights(["realesrgan_x4plus"], tmp_path) == [tmp_path / "RealESRGAN_x4plus.pth"]
 
 

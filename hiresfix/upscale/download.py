@@ -44,6 +44,9 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
                      "SRVGGNetCompact (XS); anime video, fastest"),
         KnownWeights("realesr-general-x4v3.pth", f"{_RELEASES}/v0.2.5.0/realesr-general-x4v3.pth", None, 4,
                      "SRVGGNetCompact (S); general scenes, fast"),
+        # The face pass's default restorer, so one command fills the weights folder for both stages.
+        KnownWeights("GFPGANv1.4.pth", "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
+                     None, 1, "GFPGAN v1.4 face restorer (face pass)"),
     )
 }
 
