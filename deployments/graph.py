@@ -29,7 +29,7 @@ class Limits(BaseModel):
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sdxl: SDXLSettings | None = Field(default_factory=SDXLSettings, description="null = upscale-only app")
+    sdxl: SDXLSettings = Field(default_factory=SDXLSettings)
     upscaler: UpscalerSettings = Field(default_factory=UpscalerSettings)
     face: FaceSettings = Field(default_factory=FaceSettings)
     limits: Limits = Field(default_factory=Limits)
@@ -37,8 +37,8 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict) -> Application:
     cfg = AppArgs.model_validate(args or {})
-    sdxl = cfg.sdxl.model_dump() if cfg.sdxl is not None else None
-    base = SDXLBase.bind(sdxl) if sdxl is not None else None
+    sdxl = cfg.sdxl.model_dump()
+    base = SDXLBase.bind(sdxl)
     upscaler = Upscaler.bind(cfg.upscaler.model_dump())
     refine = RefineFace.bind(sdxl, cfg.face.model_dump())
     return Ingress.bind(

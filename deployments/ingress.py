@@ -79,7 +79,7 @@ async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
 class Ingress:
     def __init__(
         self,
-        base: DeploymentHandle | None,
+        base: DeploymentHandle,
         upscaler: DeploymentHandle,
         refine: DeploymentHandle,
         limits: dict,
@@ -113,8 +113,6 @@ class Ingress:
     # --- routes ---
     @api.post("/generate", response_model=ImageResponse)
     async def generate(self, req: GenerateRequest) -> Response:
-        if self.base is None:
-            raise BadRequest("prompt", "this deployment serves /upscale only (no SDXL configured)", 404)
         self._check_models(req.upscaler, req.face_model)
         self._check_generate_limits(req)
         t0 = time.perf_counter()
@@ -177,9 +175,7 @@ class Ingress:
 
     @api.get("/health", response_model=HealthResponse)
     async def health(self) -> HealthResponse:
-        handles = {"Upscaler": self.upscaler, "RefineFace": self.refine}
-        if self.base is not None:
-            handles["SDXLBase"] = self.base
+        handles = {"SDXLBase": self.base, "Upscaler": self.upscaler, "RefineFace": self.refine}
         infos = {}
         for name, h in handles.items():
             try:

@@ -14,11 +14,10 @@ from hiresfix.stages import ImageBatch
 
 @serve.deployment(name="RefineFace")
 class RefineFace:
-    def __init__(self, sdxl: dict | None, face: dict):
-        # sdxl is None for an upscale-only app: then this replica only restores faces.
-        self.settings = SDXLSettings.model_validate(sdxl) if sdxl is not None else None
-        self.pipe = load_refine_pipeline(self.settings) if self.settings else None
-        self.stage = RefineStage(self.pipe) if self.pipe is not None else None
+    def __init__(self, sdxl: dict, face: dict):
+        self.settings = SDXLSettings.model_validate(sdxl)
+        self.pipe = load_refine_pipeline(self.settings)
+        self.stage = RefineStage(self.pipe)
         self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
 
     def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
@@ -46,7 +45,7 @@ class RefineFace:
     def info(self) -> dict:
         return {
             "state": "ready",
-            "device": str(self.pipe.device) if self.pipe is not None else None,
+            "device": str(self.pipe.device),
             "face_available": self.faces.available(),
             "face_models": [m.model_dump() for m in self.faces.models_info()],
         }

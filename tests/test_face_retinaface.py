@@ -82,7 +82,10 @@ def ref_priors(height: int, width: int) -> torch.Tensor:
 
 def ref_decode(loc, priors, variances=(0.1, 0.2)):
     boxes = torch.cat(
-        (priors[:, :2] + loc[:, :2] * variances[0] * priors[:, 2:], priors[:, 2:] * torch.exp(loc[:, 2:] * variances[1])),
+        (
+            priors[:, :2] + loc[:, :2] * variances[0] * priors[:, 2:],
+            priors[:, 2:] * torch.exp(loc[:, 2:] * variances[1]),
+        ),
         1,
     )
     boxes[:, :2] -= boxes[:, 2:] / 2
@@ -493,7 +496,9 @@ def test_corrupt_or_foreign_retinaface_file_falls_back(rf_dir, astronaut):
 
 def test_retinaface_checksum(rf_dir, astronaut):
     f = "detection_mobilenet0.25_Final.pth"
-    r = FaceRestorer.from_settings(_settings(rf_dir, detector="retinaface", retinaface_file=f, retinaface_sha256="0" * 64))
+    r = FaceRestorer.from_settings(
+        _settings(rf_dir, detector="retinaface", retinaface_file=f, retinaface_sha256="0" * 64)
+    )
     _assert_fallback(r, astronaut, "weights_missing", "checksum mismatch")
     good = hashlib.sha256((rf_dir / f).read_bytes()).hexdigest()
     r = FaceRestorer.from_settings(_settings(rf_dir, detector="retinaface", retinaface_file=f, retinaface_sha256=good))

@@ -118,6 +118,20 @@ def test_generate_hires_fractional_scale_snaps_to_8(service):
     assert decode(r["image"]).size == (96, 144)
 
 
+def test_generate_ensemble_of_experts_then_hires(service):
+    # base -> RefineFace.finish (from the switch point) -> Upscaler -> RefineFace.hires
+    body = {"prompt": "a harbour", **TINY, "num_inference_steps": 6, "refiner_switch_at": 0.5,
+            "hires_fix": True, "scheduler": "euler"}
+    r = ok(post(service, "/generate", body))
+    assert decode(r["image"]).size == (128, 128) and r["upscaler_used"] == "realesr-animevideov3"
+    # The refine model here is the base weights, so handing over at 0.5 across two replicas must
+    # continue exactly where the base stopped: bit-identical to one uninterrupted run (for a
+    # single-step sampler; multistep ones restart their history at the handover).
+    plain = ok(post(service, "/generate", {**body, "refiner_switch_at": None}))
+    assert r["image"] == plain["image"]
+    assert r["image"] != ok(post(service, "/generate", {**body, "scheduler": "dpmpp_2m"}))["image"]
+
+
 def test_generate_num_images_and_formats(service):
     r = ok(post(service, "/generate", {"prompt": "tulips", **TINY, "num_images": 2, "output_format": "jpeg"}))
     assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2

@@ -12,7 +12,7 @@ Pipeline (all CPU, no downloads; needs opencv-python-headless 4.x, whose wheel s
    mouth corners are then placed by the similarity transform that maps the FFHQ template's eyes
    onto them (i.e. alignment is effectively from the eye pair). Without an eye pair, the eyes are
    put at fixed fractions of the Haar box (measured: ~(0.28, 0.37) and (0.72, 0.37)); no roll.
-   A detector that yields real 5-point landmarks (RetinaFace) would plug in at `DetectedFace`.
+   RetinaFace (`retinaface.py`, when its weights are configured) yields real 5-point landmarks in the same `DetectedFace`.
 
 Limits (documented for users): frontal, upright faces only (roughly within +-15 degrees of roll and
 modest yaw); profile faces, strong occlusion and faces smaller than ~24 px in the detection image

@@ -357,7 +357,9 @@ def _load_retinaface(s: FaceSettings):
         if s.retinaface_sha256 is not None:
             digest = _sha256(path)
             if digest != s.retinaface_sha256:
-                return None, f"weights_missing: checksum mismatch for {path}: expected {s.retinaface_sha256}, got {digest}"
+                return None, (
+                    f"weights_missing: checksum mismatch for {path}: expected {s.retinaface_sha256}, got {digest}"
+                )
         device = _pick_device(s, torch)
         from hiresfix.face.retinaface import RetinaFaceDetector
     except Exception as exc:

@@ -35,12 +35,13 @@ default threshold is the 0.97 of facexlib's `FaceRestoreHelper` (what GFPGAN run
 default argument of `detect_faces`; faces whose eyes are closer than 5 px are dropped (GFPGAN's
 `eye_dist_threshold=5`).
 
-Not verified against the released files (they cannot be downloaded where this was written): the
-key names and shapes follow facexlib's `retinaface.py` / `retinaface_net.py` and torchvision's
-resnet50 (cross-checked in the tests against torchvision itself), and the parameter counts (27.29 M,
-0.43 M) match the files' sizes, but a real file has not been loaded here. Tolerated on purpose: a
-`module.` prefix, missing BatchNorm `num_batches_tracked` buffers, the legacy (pre-zip) pickle format.
-Anything else that differs (an unexpected or missing key, a shape) is refused with the key named.
+Not verified against the released files (they cannot be downloaded where this was written): the key
+names and shapes follow facexlib's `retinaface.py` / `retinaface_net.py` and torchvision's resnet50
+(cross-checked in the tests against torchvision itself), and the parameter counts (27.29 M, 0.43 M)
+fit the files' published sizes (~104 MiB, ~1.7 MB), but a real file has not been loaded here.
+Tolerated on purpose: a `module.` prefix, missing BatchNorm `num_batches_tracked` buffers, the
+legacy (pre-zip) pickle format. Anything else that differs (an unexpected or missing key, a shape)
+is refused with the key named.
 """
 
 from __future__ import annotations
