@@ -10,21 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from deployments.base import SDXLBase
-from deployments.ingress import Ingress
+from deployments.ingress import Ingress, Limits
 from deployments.refine import RefineFace
 from deployments.upscaler import Upscaler
 from hiresfix.face import FaceSettings
 from hiresfix.sdxl import SDXLSettings
 from hiresfix.upscale import UpscalerSettings
-
-
-class Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_side: int | None = Field(None, description="Largest base width/height this profile accepts.")
-    max_steps: int | None = None
-    max_input_pixels: int = 4096 * 4096  # /upscale decompression-bomb guard
-    max_input_bytes: int = 32 * 1024 * 1024
-    max_output_side: int = 8192
 
 
 class AppArgs(BaseModel):
@@ -45,7 +36,7 @@ def build_app(args: dict) -> Application:
         base,
         upscaler,
         refine,
-        cfg.limits.model_dump(),
+        cfg.limits,
         [m.name for m in cfg.upscaler.models],
         [m.name for m in cfg.face.models],
     )

@@ -11,6 +11,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -35,6 +36,17 @@ api = FastAPI(
     version=__version__,
     description="SDXL with a RealESRGAN hires fix and face restoration, on Ray Serve.",
 )
+
+
+class Limits(BaseModel):
+    """Per-profile request limits, stricter than the schema's hard bounds (serve_config args.limits)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_side: int | None = Field(None, description="Largest base width/height this profile accepts.")
+    max_steps: int | None = None
+    max_output_side: int = 8192  # hires fix and /upscale results
+    max_input_pixels: int = 4096 * 4096  # /upscale decompression-bomb guard, checked on the header
+    max_input_bytes: int = 32 * 1024 * 1024
 
 
 class BadRequest(Exception):
@@ -82,7 +94,7 @@ class Ingress:
         base: DeploymentHandle,
         upscaler: DeploymentHandle,
         refine: DeploymentHandle,
-        limits: dict,
+        limits: Limits,
         upscaler_names: list[str],
         face_names: list[str],
     ):
@@ -98,17 +110,14 @@ class Ingress:
             raise BadRequest("face_model", f"unknown face model {face_model!r}; configured: {', '.join(self.face_names) or 'none'}")
 
     def _check_generate_limits(self, req: GenerateRequest) -> None:
-        max_side = self.limits.get("max_side")
-        if max_side:
-            for name in ("width", "height"):
-                if getattr(req, name) > max_side:
-                    raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {max_side}")
-        max_out = self.limits.get("max_output_side")
-        if req.hires_fix and max_out and max(req.output_size()) > max_out:
-            raise BadRequest("hires_scale", f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {max_out}: lower hires_scale or the base size")
-        max_steps = self.limits.get("max_steps")
-        if max_steps and req.num_inference_steps > max_steps:
-            raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {max_steps}")
+        lim = self.limits
+        for name in ("width", "height"):
+            if lim.max_side and getattr(req, name) > lim.max_side:
+                raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {lim.max_side}")
+        if req.hires_fix and max(req.output_size()) > lim.max_output_side:
+            raise BadRequest("hires_scale", f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {lim.max_output_side}: lower hires_scale or the base size")
+        if lim.max_steps and req.num_inference_steps > lim.max_steps:
+            raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {lim.max_steps}")
 
     # --- routes ---
     @api.post("/generate", response_model=ImageResponse)
@@ -134,14 +143,14 @@ class Ingress:
             pic = await asyncio.to_thread(
                 decode_image,
                 req.image,
-                max_pixels=self.limits.get("max_input_pixels", 4096 * 4096),
-                max_bytes=self.limits.get("max_input_bytes", 32 * 1024 * 1024),
+                max_pixels=self.limits.max_input_pixels,
+                max_bytes=self.limits.max_input_bytes,
             )
         except ImageInputError as exc:
             raise BadRequest("image", str(exc), exc.status)
         out_side = max(pic.width, pic.height) * req.scale
-        if out_side > self.limits.get("max_output_side", 8192):
-            raise BadRequest("scale", f"output would be {out_side:.0f} px on its long side; the limit is {self.limits.get('max_output_side', 8192)}")
+        if out_side > self.limits.max_output_side:
+            raise BadRequest("scale", f"output would be {out_side:.0f} px on its long side; the limit is {self.limits.max_output_side}: lower scale")
         batch = ImageBatch([pic], [None], {"decode": round(time.perf_counter() - t0, 4)})
         batch = self.upscaler.upscale.remote(batch, req.scale, req.upscaler, req.use_realesrgan, False)
         if req.use_face_restoration:
