@@ -87,7 +87,7 @@ def test_settings_validation(monkeypatch, tmp_path):
         FaceSettings(detector="retinaface")  # more in test_face_retinaface.py
     with pytest.raises(ValidationError, match="unique"):
         FaceSettings(models=[{"name": "a", "file": "x"}, {"name": "a", "file": "y"}])
-    with pytest.raises(ValidationError, match="not a configured model"):
+    with pytest.raises(ValidationError, match="is not configured"):
         FaceSettings(models=[{"name": "a", "file": "x"}], default="b")
     with pytest.raises(ValidationError):
         FaceSettings(min_face_sise=10)  # typo: extra fields are refused

@@ -18,7 +18,6 @@ informational no_face, faces_too_small, zero_weight.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from hiresfix.face.detect import DetectedFace, DetectorUnavailable, OpenCVFaceDe
 from hiresfix.face.settings import FaceModelSpec, FaceSettings
 from hiresfix.images import Picture
 from hiresfix.schemas import FaceRestorationInfo, ModelInfo
+from hiresfix.weights import sha256_file
 
 log = logging.getLogger("hiresfix.face")
 
@@ -355,7 +355,7 @@ def _load_retinaface(s: FaceSettings):
         return None, f"not_installed: torch cannot be imported ({exc.__class__.__name__}: {exc})"
     try:
         if s.retinaface_sha256 is not None:
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != s.retinaface_sha256:
                 return None, (
                     f"weights_missing: checksum mismatch for {path}: expected {s.retinaface_sha256}, got {digest}"
@@ -375,14 +375,6 @@ def _load_retinaface(s: FaceSettings):
     return det, None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _pick_device(s: FaceSettings, torch) -> str:
     if s.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,7 +391,7 @@ def _load_model(m: _Model, s: FaceSettings, spandrel, torch) -> None:
         return
     try:
         if m.spec.sha256 is not None:
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != m.spec.sha256:
                 m.reason = "weights_missing"
                 m.detail = f"checksum mismatch for {path}: expected {m.spec.sha256}, got {digest}"

@@ -9,13 +9,12 @@ it cannot use makes detection fall back to the OpenCV detector, with a warning.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-WEIGHTS_DIR_ENV = "HIRESFIX_WEIGHTS_DIR"
+from hiresfix.weights import WEIGHTS_DIR_ENV, check_model_names, normalise_sha256, weights_dir, weights_path
 
 
 class FaceModelSpec(BaseModel):
@@ -39,13 +38,7 @@ class FaceModelSpec(BaseModel):
         return _hex_digest(v)
 
 
-def _hex_digest(v: str | None) -> str | None:
-    if v is None:
-        return v
-    v = v.strip().lower()
-    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-        raise ValueError("sha256 must be 64 hexadecimal digits")
-    return v
+_hex_digest = normalise_sha256
 
 
 class FaceSettings(BaseModel):
@@ -112,31 +105,18 @@ class FaceSettings(BaseModel):
 
     @model_validator(mode="after")
     def _names_consistent(self) -> "FaceSettings":
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"face model names must be unique; repeated: {', '.join(dupes)}")
-        if self.default is not None and self.default not in names:
-            raise ValueError(
-                f"face default {self.default!r} is not a configured model; "
-                f"configured: {', '.join(names) or 'none'}"
-            )
+        check_model_names("face model", [m.name for m in self.models], self.default)
         return self
 
     # --- derived values (read the environment when called, never stored in the dump) ---
     def effective_weights_dir(self) -> Path:
-        env = os.environ.get(WEIGHTS_DIR_ENV)
-        return Path(env if env else self.weights_dir).expanduser()
+        return weights_dir(self.weights_dir)
 
     def model_path(self, spec: FaceModelSpec) -> Path:
-        p = Path(spec.file).expanduser()
-        return p if p.is_absolute() else self.effective_weights_dir() / p
+        return weights_path(self.weights_dir, spec.file)
 
     def retinaface_path(self) -> Path | None:
-        if self.retinaface_file is None:
-            return None
-        p = Path(self.retinaface_file).expanduser()
-        return p if p.is_absolute() else self.effective_weights_dir() / p
+        return None if self.retinaface_file is None else weights_path(self.weights_dir, self.retinaface_file)
 
     def default_name(self) -> str | None:
         if self.default is not None:

@@ -19,10 +19,8 @@ Outcome rules (each fallback answers with LANCZOS on float data, so 16-bit stays
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from hiresfix.schemas import FallbackReason, ModelInfo
 from hiresfix.stages import UpscaleOutcome
 from hiresfix.upscale.resample import resize_picture, resize_plane
 from hiresfix.upscale.settings import UpscalerModelSpec, UpscalerSettings
+from hiresfix.weights import sha256_file, weights_path
 
 log = logging.getLogger("hiresfix.upscale")
 
@@ -72,19 +71,6 @@ class _Entry:
     @property
     def available(self) -> bool:
         return self.runner is not None
-
-
-def weights_path(weights_dir: str, file: str) -> Path:
-    p = Path(file).expanduser()
-    return p if p.is_absolute() else Path(weights_dir).expanduser() / p
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class UpscalerBank:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-WEIGHTS_DIR_ENV = "HIRESFIX_WEIGHTS_DIR"
+from hiresfix.weights import WEIGHTS_DIR_ENV, check_model_names
 
 
 class UpscalerModelSpec(BaseModel):
@@ -98,14 +98,7 @@ class UpscalerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "UpscalerSettings":
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"upscaler names must be unique; repeated: {', '.join(dupes)}")
-        if self.default is not None and self.default not in names:
-            raise ValueError(
-                f"default upscaler {self.default!r} is not configured; configured: {', '.join(names) or 'none'}"
-            )
+        check_model_names("upscaler", [m.name for m in self.models], self.default)
         if self.min_tile > self.tile_size:
             raise ValueError(f"min_tile ({self.min_tile}) must not exceed tile_size ({self.tile_size})")
         return self
