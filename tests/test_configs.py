@@ -65,7 +65,7 @@ def test_rayservice_manifest_validates_and_embeds_the_serve_config():
     rayservice_validator().validate(manifest)
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
-    assert embedded == load("serve_config.yaml"), "k8s serveConfigV2 drifted from serve_config.yaml"
+    assert embedded == load("serve_config.yaml"), "serveConfigV2 drifted: run scripts/render_k8s.py"
     spec = manifest["spec"]["rayClusterConfig"]
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
