@@ -6,12 +6,15 @@ fallback for real: a missing file, a corrupt file, and injected OOM/error faults
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
+import venv
 from pathlib import Path
 
 import httpx
@@ -63,7 +66,31 @@ def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
         "max_input_bytes": 4 * 1024 * 1024,
         "max_output_side": 2048,
     }
+    # A second copy of the app whose upscaler replica runs on an interpreter that really lacks
+    # spandrel: the "library missing" fallback, provoked for real (no mock, no sys.modules trick).
+    nolib = copy.deepcopy(cfg["applications"][0])
+    nolib.update(name="nolib", route_prefix="/nolib")
+    nolib["args"]["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache-nolib")
+    for d in nolib["deployments"]:
+        if d["name"] == "Upscaler":
+            d["ray_actor_options"]["runtime_env"] = {"py_executable": str(python_without(tmp, "spandrel"))}
+    cfg["applications"].append(nolib)
     return cfg
+
+
+def python_without(tmp: Path, library: str) -> Path:
+    """A venv whose site-packages links every entry of this one except `library` (and its metadata)."""
+    env = tmp / f"venv-without-{library}"
+    if not env.exists():
+        venv.create(env, with_pip=False, symlinks=True)
+        ours = Path(sysconfig.get_paths()["purelib"])
+        theirs = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
+        for entry in ours.iterdir():
+            name = entry.name.lower()
+            if name == library or name.startswith(library + "-"):
+                continue
+            (theirs / entry.name).symlink_to(entry)
+    return env / "bin" / "python"
 
 
 class ServeApp:
@@ -99,13 +126,16 @@ class ServeApp:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve run exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
-                r = httpx.get(self.url + "/health", timeout=5)
-                if r.status_code == 200 and r.json()["status"] == "ok":
+                if all(self._healthy(prefix) for prefix in ("", "/nolib")):
                     return
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(1)
         raise RuntimeError(f"service not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _healthy(self, prefix: str) -> bool:
+        r = httpx.get(self.url + prefix + "/health", timeout=5)
+        return r.status_code == 200 and r.json()["status"] == "ok"
 
     def log_tail(self, n: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-n:]

@@ -192,6 +192,19 @@ def test_upscale_fallbacks_are_reported_and_service_survives(service, body, reas
     assert ok(httpx.get(service.url + "/health", timeout=30))["status"] == "ok"
 
 
+def test_library_missing_falls_back_and_health_says_so(service):
+    # The "nolib" app's upscaler replica runs on an interpreter where spandrel is not installed.
+    h = ok(httpx.get(service.url + "/nolib/health", timeout=30))
+    assert h["status"] == "ok" and h["realesrgan_available"] is False
+    reasons = {m["name"]: m["reason"] for m in h["models"] if m["kind"] == "upscaler"}
+    assert reasons["realesr-animevideov3"] == "not_installed" and reasons["missing"] == "weights_missing"
+    r = ok(post(service, "/nolib/upscale", {"image": png_b64(astronaut(48)), "scale": 2}))
+    assert (r["upscaler_used"], r["fallback_reason"]) == ("lanczos", "not_installed")
+    assert "spandrel" in r["fallback_detail"] and decode(r["image"]).size == (96, 96)
+    g = ok(post(service, "/nolib/generate", {"prompt": "a fox", **TINY, "hires_fix": True}))
+    assert (g["upscaler_used"], g["fallback_reason"], g["width"]) == ("lanczos", "not_installed", 128)
+
+
 def test_upscale_oom_retries_with_smaller_tiles_before_falling_back(service):
     # Tiles above min_tile "run out of memory": halving recovers, so the neural model still serves.
     r = ok(post(service, "/upscale", {"image": png_b64(astronaut(96)), "scale": 2, "upscaler": "chaos-oom-recovers"}))
