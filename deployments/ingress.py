@@ -118,6 +118,8 @@ class Ingress:
             raise BadRequest("hires_scale", f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {lim.max_output_side}: lower hires_scale or the base size")
         if lim.max_steps and req.num_inference_steps > lim.max_steps:
             raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {lim.max_steps}")
+        if lim.max_steps and req.hires_fix and req.hires_steps > lim.max_steps:
+            raise BadRequest("hires_steps", f"{req.hires_steps} exceeds this deployment's limit of {lim.max_steps}")
 
     # --- routes ---
     @api.post("/generate", response_model=ImageResponse)

@@ -121,9 +121,12 @@ def cmd_upscale(ns: argparse.Namespace) -> None:
 
 
 def cmd_weights(ns: argparse.Namespace) -> None:
-    from hiresfix.upscale.download import download_weights
+    from hiresfix.upscale.download import DownloadError, download_weights
 
-    download_weights(ns.names or None, ns.weights_dir, progress=True)
+    try:
+        download_weights(ns.names or None, ns.weights_dir, progress=True)
+    except DownloadError as exc:  # offline, unknown name, checksum: the message says what to do
+        raise SystemExit(f"error: {exc}")
 
 
 def cmd_compare(ns: argparse.Namespace) -> None:

@@ -97,7 +97,9 @@ def _from_pil(im: Image.Image, source_bits: int | None = None) -> Picture:
         else:
             sixteen = mode.startswith("I;16") or a.max() > 255
         g = np.clip(a / (65535.0 if sixteen else 255.0), 0.0, 1.0).astype(np.float32)
-        pic = Picture(np.repeat(g[..., None], 3, axis=2), None, 16 if sixteen else 8, True)
+        key = im.info.get("transparency")  # colour-key (tRNS) transparency: that grey value is clear
+        alpha = None if not isinstance(key, int) else (a != key).astype(np.float32)
+        pic = Picture(np.repeat(g[..., None], 3, axis=2), alpha, 16 if sixteen else 8, True)
     elif mode == "F":
         g = np.clip(np.asarray(im, dtype=np.float32), 0, 1)
         pic = Picture(np.repeat(g[..., None], 3, axis=2), None, 16, True)
@@ -113,7 +115,9 @@ def _from_pil(im: Image.Image, source_bits: int | None = None) -> Picture:
             8,
             grayscale,
         )
-    if icc:
+    # Only an RGB or grey profile describes the pixels we keep: a CMYK (or other) one would be
+    # re-embedded into an RGB file, which colour-managed viewers misread or reject.
+    if icc and icc[16:20] in (b"RGB ", b"GRAY"):
         pic.info["icc_profile"] = icc
     return pic
 

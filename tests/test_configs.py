@@ -36,6 +36,9 @@ def test_serve_config_validates_with_rays_schema(name):
     assert set(deps) == {"Ingress", "SDXLBase", "Upscaler", "RefineFace"}
     for d in deps.values():
         assert d.max_queued_requests and d.max_queued_requests > 0, f"{d.name}: unbounded queue"
+        # A full queue answers 503 from Ray itself (our exception handler never sees it): only
+        # backpressure_config puts the README's Retry-After on it.
+        assert d.backpressure_config.retry_after_s, f"{d.name}: 503 without Retry-After"
     assert cfg.http_options.request_timeout_s, "without a request timeout a stuck stage hangs clients"
 
 

@@ -46,3 +46,10 @@ def test_cli_says_when_no_server_is_running():
     p = subprocess.run([sys.executable, "-m", "hiresfix.cli", "generate", "x", "--url", "http://127.0.0.1:9"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "no hiresfix server" in p.stderr
+
+
+def test_cli_weights_failure_is_a_message_not_a_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "hiresfix.cli", "weights", "no-such-model", "--weights-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "unknown weights 'no-such-model'" in p.stderr
+    assert "Traceback" not in p.stderr

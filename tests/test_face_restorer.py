@@ -295,9 +295,19 @@ def test_runtime_failure_via_forward_hook(tiny, astronaut, caplog):
     assert tiny.available()  # a failed request does not take the model down
 
 
-def test_oom_is_reported_as_such(tiny, astronaut):
+def _cpu_alloc_error() -> BaseException:
+    try:  # host memory exhausted: torch's CPU allocator raises a RuntimeError, not OutOfMemoryError
+        torch.empty(1 << 60, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as exc:
+        return exc
+    raise AssertionError("a 1 EiB allocation succeeded")
+
+
+@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 _cpu_alloc_error()])
+def test_oom_is_reported_as_such(tiny, astronaut, exc):
     def oom(module, args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise exc
 
     handle = tiny.descriptor().model.register_forward_pre_hook(oom)
     try:

@@ -210,3 +210,30 @@ def test_with_pixels_copies_info():
 def test_encode_b64_decodes_back():
     pic = decode_image(_png(Image.fromarray(_rgb())))
     assert decode_image(encode_b64(pic)).size == (30, 20)
+
+
+def test_cmyk_profile_is_not_embedded_in_rgb_output():
+    # A CMYK JPEG's ICC profile describes CMYK data; the RGB pixels we give back must not carry it
+    # (colour-managed viewers would misread or reject the file).
+    icc = bytearray(132)
+    icc[0:4], icc[12:16], icc[16:20], icc[20:24], icc[36:40] = (132).to_bytes(4, "big"), b"prtr", b"CMYK", b"Lab ", b"acsp"
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(buf, "JPEG", icc_profile=bytes(icc))
+    pic = decode_image(buf.getvalue())
+    assert "icc_profile" not in pic.info
+    for fmt in ("png", "jpeg", "webp"):
+        out = Image.open(io.BytesIO(encode_image(pic, fmt)))
+        assert out.mode in ("RGB", "RGBA") and out.info.get("icc_profile") is None, fmt
+
+
+def test_16bit_grey_colour_key_transparency_becomes_alpha():
+    # tRNS on a 16-bit grey PNG (PIL opens it as I;16): the keyed grey value is transparent.
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    g = np.array([[0, 1000], [65535, 1000]], dtype=">u2")
+    rows = b"".join(b"\x00" + g[i].tobytes() for i in range(2))
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 0, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">H", 1000)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    pic = decode_image(raw)
+    assert pic.bit_depth == 16 and pic.grayscale
+    assert pic.alpha is not None and pic.alpha.tolist() == [[1.0, 0.0], [1.0, 0.0]]

@@ -272,8 +272,17 @@ def test_injected_oom_halves_the_tile_then_succeeds(caplog):
     assert psnr(out.picture.rgb, clean) >= 45.0
 
 
+def _cpu_alloc_error() -> BaseException:
+    """What torch raises when host memory runs out (a RuntimeError saying "can't allocate memory")."""
+    try:
+        torch.empty(1 << 60, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as exc:
+        return exc
+    raise AssertionError("a 1 EiB allocation succeeded")
+
+
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
-                                 RuntimeError("CUDA error: out of memory")])
+                                 RuntimeError("CUDA error: out of memory"), _cpu_alloc_error()])
 def test_oom_at_every_tile_falls_back_to_lanczos(exc, caplog):
     weights(ANIME)
     b = UpscalerBank.from_settings(settings(spec(), tile_size=128, min_tile=32))

@@ -286,6 +286,7 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, MemoryError)
         or type(exc).__name__ == "OutOfMemoryError"
         or "out of memory" in str(exc).lower()
+        or "can't allocate memory" in str(exc).lower()  # torch's CPU allocator
     )
 
 

@@ -93,8 +93,10 @@ def load_descriptor(path: str):
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    # Host memory: torch's CPU allocator raises a plain RuntimeError ("can't allocate memory").
+    msg = str(exc).lower()
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
     )
 
 
