@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from deployments.cancel import run_cancellable
 from hiresfix.schemas import GenerateRequest
 from hiresfix.sdxl import BaseStage, SDXLSettings, load_base_pipeline
 from hiresfix.stages import ImageBatch
@@ -17,12 +18,11 @@ class SDXLBase:
         self.pipe = load_base_pipeline(self.settings)
         self.stage = BaseStage(self.pipe)
 
-    def generate(self, req: GenerateRequest) -> ImageBatch:
-        return self.stage.run(req)
+    async def generate(self, req: GenerateRequest) -> ImageBatch:
+        return await run_cancellable(lambda on_step: self.stage.run(req, on_step=on_step), "generate")
 
     def info(self) -> dict:
         return {
-            "state": "ready",
             "source": self.settings.source,
             "device": str(self.pipe.device),
             "dtype": str(self.pipe.unet.dtype).replace("torch.", ""),

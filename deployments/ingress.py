@@ -101,6 +101,7 @@ class Ingress:
         self.base, self.upscaler, self.refine = base, upscaler, refine
         self.limits = limits
         self.upscaler_names, self.face_names = upscaler_names, face_names
+        self._infos: dict[str, dict] | None = None
 
     # --- validation that depends on the configuration, not only on the schema ---
     def _check_models(self, upscaler: str | None, face_model: str | None) -> None:
@@ -184,31 +185,53 @@ class Ingress:
         # walk megabytes of base64 again (~20-40 ms per large image).
         return Response(body.model_dump_json(), media_type="application/json")
 
+    # --- health and models ---
+    async def _stage_infos(self) -> dict[str, dict]:
+        """Each stage's model report. Models are fixed for a replica's life, so a complete answer is
+        kept: /health stays fast when the stages are busy (info() queues behind real work)."""
+        if self._infos is not None:
+            return self._infos
+        handles = {"SDXLBase": self.base, "Upscaler": self.upscaler, "RefineFace": self.refine}
+
+        async def ask(h):
+            return await asyncio.wait_for(h.info.remote(), timeout=10)
+
+        answers = await asyncio.gather(*(ask(h) for h in handles.values()), return_exceptions=True)
+        infos = {}
+        for name, a in zip(handles, answers):
+            if isinstance(a, BaseException):
+                infos[name] = {"info_error": f"{a.__class__.__name__}: {a}"[:300]}
+            else:
+                infos[name] = a
+        if all(not isinstance(a, BaseException) for a in answers):
+            self._infos = infos
+        return infos
+
+    async def _deployment_states(self) -> dict[str, str]:
+        """Replica health as the Serve controller sees it: no request to the (maybe busy) replicas."""
+        app = serve.get_replica_context().replica_id.deployment_id.app_name
+        status = await asyncio.to_thread(serve.status)
+        return {name: d.status.value for name, d in status.applications[app].deployments.items()}
+
     @api.get("/health", response_model=HealthResponse)
     async def health(self) -> HealthResponse:
-        handles = {"SDXLBase": self.base, "Upscaler": self.upscaler, "RefineFace": self.refine}
-        infos = {}
-        for name, h in handles.items():
-            try:
-                infos[name] = await asyncio.wait_for(h.info.remote(), timeout=10)
-            except Exception as exc:  # a stage that cannot answer is reported, not fatal
-                infos[name] = {"state": "unavailable", "error": f"{exc.__class__.__name__}: {exc}"[:300]}
-        up = infos["Upscaler"]
-        rf = infos["RefineFace"]
+        infos, states = await asyncio.gather(self._stage_infos(), self._deployment_states())
+        deployments = {name: {**info, "state": states.get(name, "UNKNOWN")} for name, info in infos.items()}
+        up, rf = infos["Upscaler"], infos["RefineFace"]
         models = [ModelInfo(**m) for m in up.get("models", []) + rf.get("face_models", [])]
-        all_up = all(i.get("state") == "ready" for i in infos.values())
+        healthy = all(d["state"] == "HEALTHY" for d in deployments.values()) and states.get("Ingress") == "HEALTHY"
         return HealthResponse(
-            status="ok" if all_up else "degraded",
+            status="ok" if healthy else "degraded",
             realesrgan_available=bool(up.get("neural_available")),
             face_restoration_available=bool(rf.get("face_available")),
             models=models,
-            deployments=infos,
+            deployments=deployments,
         )
 
     @api.get("/models", response_model=ModelsResponse)
     async def models(self) -> ModelsResponse:
-        up, rf = await asyncio.gather(self.upscaler.info.remote(), self.refine.info.remote())
+        infos = await self._stage_infos()
         return ModelsResponse(
-            upscalers=[ModelInfo(**m) for m in up["models"]],
-            face_models=[ModelInfo(**m) for m in rf["face_models"]],
+            upscalers=[ModelInfo(**m) for m in infos["Upscaler"].get("models", [])],
+            face_models=[ModelInfo(**m) for m in infos["RefineFace"].get("face_models", [])],
         )

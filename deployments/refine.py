@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ray import serve
 
+from deployments.cancel import run_cancellable
 from hiresfix.face import FaceRestorer, FaceSettings
 from hiresfix.schemas import FaceRestorationInfo, GenerateRequest
 from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
@@ -20,13 +22,17 @@ class RefineFace:
         self.stage = RefineStage(self.pipe)
         self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
 
-    def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return self.stage.finish(batch, req)
+    async def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
+        return await run_cancellable(lambda on_step: self.stage.finish(batch, req, on_step=on_step), "finish")
 
-    def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return self.stage.hires(batch, req)
+    async def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
+        return await run_cancellable(lambda on_step: self.stage.hires(batch, req, on_step=on_step), "hires")
 
-    def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+    async def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+        # Off the event loop, so info() and other requests are answered while faces are restored.
+        return await asyncio.to_thread(self._restore_faces, batch, weight, model)
+
+    def _restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
         t0 = time.perf_counter()
         results = [self.faces.restore(pic, weight, model) for pic in batch.pictures]
         batch.pictures = [out for out, _ in results]
@@ -44,7 +50,6 @@ class RefineFace:
 
     def info(self) -> dict:
         return {
-            "state": "ready",
             "device": str(self.pipe.device),
             "face_available": self.faces.available(),
             "face_models": [m.model_dump() for m in self.faces.models_info()],

@@ -55,7 +55,6 @@ class Upscaler:
 
     def info(self) -> dict:
         return {
-            "state": "ready",
             "neural_available": self.bank.neural_available(),
             "models": [m.model_dump() for m in self.bank.models_info()],
         }

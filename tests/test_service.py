@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -318,7 +319,22 @@ def test_upscale_output_too_large_is_rejected(service):
 
 def test_replicas_survive_bad_input(service):
     h = ok(httpx.get(service.url + "/health", timeout=30))
-    assert h["status"] == "ok" and all(d["state"] == "ready" for d in h["deployments"].values())
+    assert h["status"] == "ok" and all(d["state"] == "HEALTHY" for d in h["deployments"].values())
+
+
+def test_health_answers_fast_while_stages_are_busy_and_cancel_stops_work(service):
+    slow = {"prompt": "a busy street", "width": 384, "height": 384, "num_inference_steps": 50, "seed": 9}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up: Serve cancels the request
+        post(service, "/generate", slow, timeout=3)
+    t0 = time.perf_counter()
+    h = ok(httpx.get(service.url + "/health", timeout=30))
+    assert time.perf_counter() - t0 < 3 and h["status"] == "ok"
+    # The cancelled generation's thread stopped at its next denoising step instead of running on.
+    deadline = time.time() + 30
+    while "generate cancelled by the client or its timeout" not in service.log_tail(200_000):
+        assert time.time() < deadline, service.log_tail()
+        time.sleep(0.5)
+    assert ok(post(service, "/generate", {"prompt": "after", **TINY}))["width"] == 64
 
 
 # ---------------------------------------------------------------- CLI against the live server

@@ -1,0 +1,41 @@
+"""Run blocking model code off a replica's event loop, and stop it when its request is cancelled.
+
+Serve cancels a request's asyncio task when the client disconnects or request_timeout_s fires, but
+a thread cannot be killed: without this the denoising loop ran to the end while Serve had already
+freed the slot, so max_ongoing_requests no longer bounded the work really running (on a GPU: OOM).
+The model code calls `on_step` once per denoising step; after a cancel it raises there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("hiresfix.serve")
+
+
+class RequestCancelled(Exception):
+    """Raised inside the worker thread at the next step after the request was cancelled."""
+
+
+async def run_cancellable(work: Callable[[Callable[[int, int], None]], T], what: str) -> T:
+    stop = threading.Event()
+    steps = [0]
+
+    def on_step(step: int, _timestep: int) -> None:
+        steps[0] = step + 1
+        if stop.is_set():
+            raise RequestCancelled(f"{what} cancelled at step {steps[0]}")
+
+    task = asyncio.ensure_future(asyncio.to_thread(work, on_step))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        # Keep the replica slot until the thread has really stopped (at most one step away).
+        await asyncio.wait([task])
+        log.warning("%s cancelled by the client or its timeout; stopped after step %d", what, steps[0])
+        raise
