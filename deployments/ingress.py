@@ -77,11 +77,7 @@ async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
-    # Overload (max_queued_requests reached) is the client's cue to retry, not a server fault.
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(exc, BackPressureError) or "BackPressureError" in type(exc).__name__:
-        return JSONResponse(status_code=503, headers={"Retry-After": "5"}, content={"error": "server busy: too many queued requests, retry later", "detail": str(exc)[:500]})
+    # A full queue never gets here: Serve answers 503 with Retry-After itself (backpressure_config).
     log.exception("request failed")
     return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
 

@@ -136,7 +136,9 @@ class ImageResponse(BaseModel):
     seed: int | None = None
     seeds: list[int] = Field(default_factory=list)
     upscaler_used: str | None = Field(
-        None, description="Model name, 'lanczos', or null when no upscale happened."
+        None,
+        description="Model name, 'lanczos', or null when the request had no upscale stage (at scale 1"
+        " the stage passes the picture through and still names the model).",
     )
     fallback_reason: FallbackReason | None = None
     fallback_detail: str | None = None
