@@ -8,6 +8,7 @@ the fastest of --repeats is reported, because this box is shared and timings are
     python bench/upscale_bench.py                 # 1024 px input, animevideov3, tiles 512 and 192
     python bench/upscale_bench.py --quick         # 256 px, one repeat: a smoke run
     python bench/upscale_bench.py --tile 512,256,192 --threads 1 --repeats 3
+    python bench/upscale_bench.py --company --device cuda   # same bits alone and batched? (+ timing)
 
 Targets (issue): time ratio tiled/plain <= 1.15, peak memory >= 3x lower.
 """
@@ -99,6 +100,46 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def company(args) -> None:
+    """A job alone vs sharing passes with other jobs (as @serve.batch does): bit-identical output?
+    Also the best time of the job alone, and the pass sizes the bank used."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from hiresfix.images import Picture
+    from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerModelSpec, UpscalerSettings
+
+    torch.set_num_threads(args.threads)
+    for weights in args.weights.split(","):
+        bank = UpscalerBank.from_settings(UpscalerSettings(
+            weights_dir=str(Path(weights).parent), num_threads=args.threads, device=args.device,
+            tile_size=int(str(args.tile).split(",")[0]), tile_overlap=args.overlap, tile_batch=args.batch,
+            models=[UpscalerModelSpec(name="m", file=Path(weights).name)]))
+        r = bank.runner()
+        passes: list[int] = []
+        r.module.register_forward_pre_hook(lambda m, a: passes.append(a[0].shape[0]))
+        rgb = _image(512)
+        job = lambda y, x, h, w: UpscaleJob(Picture(rgb[y:y + h, x:x + w].copy()), (w * 4, h * 4))
+        a = job(60, 180, args.size, args.size)
+        others = [job(300, 100, args.size, args.size), job(200, 40, args.size // 2 + 7, args.size)]
+        times = []
+        for _ in range(args.repeats):
+            passes.clear()
+            t0 = time.perf_counter()
+            alone = bank.upscale_jobs([a])[0].picture.rgb
+            times.append(time.perf_counter() - t0)
+        print(f"{Path(weights).name} on {r.device_name}/{r.dtype_name}: batch_invariant={r.batch_invariant};"
+              f" {args.size} px job alone: best {min(times) * 1e3:.1f} ms of {args.repeats}, passes {passes}")
+        for k in range(1, len(others) + 1):
+            for company in ([*others[:k], a], [a, *others[:k]]):
+                passes.clear()
+                got = bank.upscale_jobs(company)[0 if company[0] is a else -1].picture.rgb
+                diff = float(np.abs(got - alone).max())
+                print(f"  with {k} other job(s), A {'last' if company[0] is not a else 'first'}: passes {passes},"
+                      f" {'bit-identical' if np.array_equal(got, alone) else f'DIFFERS (max {diff:.1e})'}")
+
+
 def _run_child(args, variant: str, tile: int, save: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--size", str(args.size), "--weights", args.weights,
            "--tile", str(tile), "--overlap", str(args.overlap), "--batch", str(args.batch),
@@ -125,12 +166,20 @@ def main() -> None:
                     help="torch threads (default: all cores; use 1 on a busy shared box for steadier figures)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="256 px input, one repeat")
+    ap.add_argument("--company", action="store_true",
+                    help="determinism check instead: one job alone vs batched with others (--size: its side;"
+                         " --weights: comma-separated files; --tile: the first one)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="for --company")
     ap.add_argument("--child", choices=["plain", "tiled"], help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         args.tile = int(args.tile)
         return child(args)
+    if args.company:
+        if args.size == ap.get_default("size"):
+            args.size = 128
+        return company(args)
     if args.quick:
         args.size, args.repeats = 256, 1
     tiles = [int(t) for t in str(args.tile).split(",")]

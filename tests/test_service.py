@@ -153,6 +153,20 @@ def test_concurrent_identical_requests_are_bit_identical(service):
     assert out[0]["image"] == out[1]["image"]
 
 
+def test_upscale_bits_do_not_depend_on_concurrent_requests(service):
+    # Concurrent requests share forward passes (@serve.batch); a request's pixels must not change.
+    a = {"image": png_b64(astronaut(64)), "scale": 2}
+    alone = ok(post(service, "/upscale", a))["image"]
+    others = [{"image": png_b64(np.asarray(Image.fromarray(data.coffee()).resize((s, s)))), "scale": 2} for s in (48, 64, 80)]
+    for _ in range(3):
+        out = {}
+        threads = [threading.Thread(target=lambda i=i, b=b: out.__setitem__(i, post(service, "/upscale", b)))
+                   for i, b in enumerate([a, *others])]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert ok(out[0])["image"] == alone
+
+
 # ---------------------------------------------------------------- /upscale and the five fallbacks
 def test_upscale_with_real_model(service):
     src = astronaut(64)

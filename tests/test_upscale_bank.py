@@ -187,7 +187,60 @@ def test_jobs_sharing_a_model_share_forward_passes():
     alone = [b.upscale([p], 2)[0] for p in pics]
     assert calls == [3, 1] * 3
     for t, a in zip(together, alone):
-        assert t.upscaler_used == "anime" and np.allclose(t.picture.rgb, a.picture.rgb, atol=1e-5)
+        assert t.upscaler_used == "anime" and np.array_equal(t.picture.rgb, a.picture.rgb)
+
+
+# --------------------------------------------------------------------------- same bits with company
+def _company_jobs():
+    """A: one 38 px tile (30 px + 2 x 4 px context), alone a batch of one. B: another picture of A's
+    size (its tile shares A's pass). C: a different size whose two tiles have A's tile shape.
+    D: a different tile shape (its own passes)."""
+    return (UpscaleJob(photo(60, 180, 30), (120, 120)), UpscaleJob(photo(300, 100, 30), (120, 120)),
+            UpscaleJob(Picture(photo(200, 260, 60).rgb[:30].copy()), (240, 120)),
+            UpscaleJob(photo(10, 400, 45), (180, 180)))
+
+
+@pytest.mark.parametrize("name,file", [("anime", ANIME), ("anime6b", ANIME_6B)])
+def test_job_bits_do_not_depend_on_what_shares_its_passes(name, file):
+    """Same job, alone or batched with other requests' jobs (@serve.batch, any order, other sizes):
+    the same float bits, which the hires fix feeds to img2img. Torch used to run a lone small tile
+    through another CPU conv kernel than a batch (differences up to 2e-6)."""
+    weights(file)
+    b = UpscalerBank.from_settings(settings(spec(name, file), tile_size=64, tile_overlap=8, min_tile=16))
+    assert b.runner().batch_invariant
+    calls = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    a, bj, c, d = _company_jobs()
+    alone = b.upscale_jobs([a])[0].picture.rgb
+    assert calls == [1]
+    for company in ([a, bj], [bj, a], [c, a, bj], [bj, c, a, d]):
+        calls.clear()
+        outs = b.upscale_jobs(company)
+        assert max(calls) == 2  # A's tile really shared a pass (2 tiles of 38 px fit in 64 x 64)
+        k = next(i for i, j in enumerate(company) if j is a)  # (== on jobs compares arrays)
+        assert outs[k].upscaler_used == name and np.array_equal(outs[k].picture.rgb, alone), k
+    # And the others are what they give alone, too.
+    for job, out in zip((bj, c, d), b.upscale_jobs([bj, c, d])):
+        assert np.array_equal(out.picture.rgb, b.upscale_jobs([job])[0].picture.rgb)
+
+
+def test_batch_dependent_forward_gets_fixed_passes(monkeypatch):
+    """A net whose outputs depend on the batch (here: Compact without the oneDNN routing, as torch
+    runs it by default) fails the load probe; every pass of a tile shape then has the same size."""
+    from hiresfix.upscale import runner
+
+    weights(ANIME)
+    monkeypatch.setattr(runner, "_route_convs_to_onednn", lambda module: None)
+    b = UpscalerBank.from_settings(settings(spec(), tile_size=64, tile_overlap=8, min_tile=16))
+    assert not b.runner().batch_invariant
+    calls = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    a, bj, c, _ = _company_jobs()
+    alone = b.upscale_jobs([a])[0].picture.rgb
+    assert calls == [2]  # the lone tile and a zero tile
+    calls.clear()
+    outs = b.upscale_jobs([c, bj, a])
+    assert calls == [2, 2] and np.array_equal(outs[2].picture.rgb, alone)
 
 
 # --------------------------------------------------------------------------- formats

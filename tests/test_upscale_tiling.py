@@ -122,3 +122,24 @@ def test_batch_never_exceeds_one_tile_of_pixels():
     upscale_planes([torch.rand(3, 10, 10) for _ in range(20)], fwd, scale=2, rule=SizeRule(), tile=64,
                    overlap=8, batch=16)
     assert max(s[0] for s in calls) == 64 * 64 // (18 * 18)  # 10 px + 2 x 4 px border context
+
+
+def test_fixed_batch_pads_every_pass_to_the_same_size():
+    """For a forward whose output depends on the batch size (as GPU kernels chosen by shape may),
+    `fixed_batch` gives every pass of a tile shape the same size: a plane's bits then do not depend
+    on which other planes shared its passes. Zero tiles fill the gaps; the memory bound holds."""
+    calls = []
+
+    def batch_dependent(x):
+        calls.append(tuple(x.shape))
+        return nearest(2)(x) + 1e-3 * x.shape[0]
+
+    a, b, c = torch.rand(3, 90, 90), torch.rand(3, 90, 90), torch.rand(3, 40, 40)
+    kw = dict(scale=2, rule=SizeRule(), tile=96, overlap=8, batch=8)
+    alone = upscale_planes([a], batch_dependent, fixed_batch=True, **kw)[0]
+    assert [s[0] for s in calls] == [3, 3]  # 4 tiles of 53 px: 3 + 1 padded to 3
+    together = upscale_planes([b, c, a], batch_dependent, fixed_batch=True, **kw)
+    assert torch.equal(together[2], alone)
+    assert all(s[0] * s[2] * s[3] <= 96 * 96 for s in calls)
+    unfixed = upscale_planes([b, a], batch_dependent, **kw)[1]
+    assert not torch.equal(unfixed, alone)  # the stand-in really is batch dependent

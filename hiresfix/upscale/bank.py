@@ -1,7 +1,8 @@
 """The upscaler bank: every configured model, its load status, and batched upscaling with fallbacks.
 
 No Ray here: the Ray deployment wraps an `UpscalerBank` and feeds `upscale_jobs` the jobs of
-concurrent requests (@serve.batch), whose tiles then share forward passes.
+concurrent requests (@serve.batch), whose tiles then share forward passes. A job's output is the
+same bits alone or batched with any others (see tiling.py and runner._OneDnnConv2d).
 
 Outcome rules (each fallback answers with LANCZOS on float data, so 16-bit stays 16-bit):
 * `use_neural=False` -> "lanczos", disabled_by_request (logged at INFO: the client asked for it).
@@ -165,7 +166,9 @@ class UpscalerBank:
             _check_target(job)
         names = [self._job_model(j) for j in jobs]
         outcomes: list[UpscaleOutcome | None] = [None] * len(jobs)
-        groups: dict[str, list[int]] = {}
+        # One group per model and starting tile: its tiles share forward passes. The tile is each
+        # job's own (whole image for untileable nets), never widened by the others in the group.
+        groups: dict[tuple[str, int], list[int]] = {}
         for i, (job, name) in enumerate(zip(jobs, names)):
             entry = self._entries.get(name) if name else None
             if not job.use_neural:
@@ -180,9 +183,9 @@ class UpscalerBank:
             elif not _grows(job):
                 outcomes[i] = UpscaleOutcome(resize_picture(job.picture, job.target_size), name)
             else:
-                groups.setdefault(name, []).append(i)
-        for name, idx in groups.items():
-            for i, outcome in zip(idx, self._run_group(self._entries[name], [jobs[i] for i in idx])):
+                groups.setdefault((name, self._start_tile(entry, job)), []).append(i)
+        for (name, tile), idx in groups.items():
+            for i, outcome in zip(idx, self._run_group(self._entries[name], [jobs[i] for i in idx], tile)):
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
@@ -191,13 +194,16 @@ class UpscalerBank:
             return None  # nothing configured: LANCZOS with a reason, not a client error
         return self.resolve(job.model)
 
-    def _run_group(self, entry: _Entry, jobs: list[UpscaleJob]) -> list[UpscaleOutcome]:
+    def _start_tile(self, entry: _Entry, job: UpscaleJob) -> int:
+        if entry.runner.caps.tileable:
+            return self.settings.tile_size
+        # Untileable: start whole-image; OOM halving still applies.
+        return max(job.picture.width, job.picture.height) + self.settings.tile_overlap
+
+    def _run_group(self, entry: _Entry, jobs: list[UpscaleJob], tile: int) -> list[UpscaleOutcome]:
         from hiresfix.upscale.runner import free_device_memory, is_oom
 
         s, r = self.settings, entry.runner
-        tile = s.tile_size
-        if not r.caps.tileable:  # start whole-image; OOM halving still applies
-            tile = max(max(j.picture.width, j.picture.height) for j in jobs) + s.tile_overlap
         with r.lock:
             while True:
                 failure = None
@@ -246,7 +252,8 @@ class UpscalerBank:
                 active = [pl for pl in planes if passes[pl[0]] > p]
                 outs = upscale_planes([pl[2] for pl in active], r.forward, scale=caps.scale,
                                       rule=caps.size, tile=tile, overlap=s.tile_overlap,
-                                      batch=s.tile_batch)
+                                      batch=s.tile_batch,
+                                      fixed_batch=not r.batch_invariant)
                 planes = []
                 for (i, kind, _), out in zip(active, outs):
                     if passes[i] > p + 1:

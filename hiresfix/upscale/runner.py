@@ -12,6 +12,7 @@ import os
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from hiresfix.upscale.caps import ModelCaps
 from hiresfix.upscale.settings import UpscalerModelSpec, UpscalerSettings
@@ -100,8 +101,46 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
+class _OneDnnConv2d(torch.nn.Conv2d):
+    """Conv2d that runs CPU float32 through oneDNN at every batch size, so that a tile's output
+    does not depend on how many other tiles share its forward pass.
+
+    Why: torch picks the CPU conv kernel per call. fp32 3x3 convs go to oneDNN when the batch has
+    2+ samples, but a batch of one whose input has <= 20480 elements (C*H*W: for an RGB first conv,
+    tiles up to ~82 px) goes to its native im2col+GEMM kernel ("Slow2d"), which rounds differently.
+    Measured on the real nets (torch 2.14, 1 and 2 threads): a lone 16-80 px tile differs from the
+    same tile batched by up to 6e-7 (Compact) / 2e-6 (RRDB: enough to flip 8-bit pixels), while
+    batches of 2..16, at any position and with any neighbours, are bit-identical to each other, and
+    tiles of 88 px and up (oneDNN even alone) match exactly. Calling oneDNN directly for one sample
+    gives those same bits at the same speed, so nothing is padded and nothing costs extra.
+    """
+
+    def _conv_forward(self, input, weight, bias):
+        if input.device.type != "cpu" or input.dtype != torch.float32 or isinstance(self.padding, str):
+            return super()._conv_forward(input, weight, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, padding, self.stride,
+                                                 self.dilation, self.groups)
+
+
+def _route_convs_to_onednn(module: torch.nn.Module) -> None:
+    """Plain Conv2d layers (not subclasses, which may have their own forward) become _OneDnnConv2d."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for m in module.modules():
+        if type(m) is torch.nn.Conv2d:
+            m.__class__ = _OneDnnConv2d
+
+
 class Runner:
-    """A model on its device, in its working precision, behind a lock (one forward at a time)."""
+    """A model on its device, in its working precision, behind a lock (one forward at a time).
+
+    `batch_invariant`: a tile's output is the same bits whatever else shares its forward pass
+    (checked at load); when False the tiler gives every pass of one tile shape the same batch size.
+    """
 
     def __init__(self, spec: UpscalerModelSpec, desc, settings: UpscalerSettings):
         self.spec = spec
@@ -110,6 +149,8 @@ class Runner:
         self.dtype = pick_dtype(settings.dtype, self.device, self.caps)
         self.min_tile = settings.min_tile
         module = desc.model.eval()
+        if self.device.type == "cpu":
+            _route_convs_to_onednn(module)
         # The fp32 master stays on the CPU: tiles whose low-precision output is NaN/inf/black are
         # redone with it (moved to the device only the first time that happens).
         self._fp32_cpu = copy.deepcopy(module) if self.dtype != torch.float32 else None
@@ -117,7 +158,9 @@ class Runner:
         self.module = module.to(self.device, self.dtype)
         self.lock = threading.Lock()
         self.redone_tiles = 0
+        self.batch_invariant = False
         self._smoke_test()
+        self.batch_invariant = self.device.type == "cpu" and self._probe_batch_invariance()
 
     @torch.inference_mode()
     def _smoke_test(self) -> None:
@@ -135,6 +178,24 @@ class Runner:
                 self.module = self._fp32_cpu.to(self.device)
                 self.dtype, self._fp32_cpu = torch.float32, None
         self.module(x)
+
+    @torch.inference_mode()
+    def _probe_batch_invariance(self) -> bool:
+        """Three small samples alone, together, and in another order: the same bits each time?
+        Small (16 px and up), as that is where torch's default CPU kernel choice depends on the
+        batch size; a net whose other layers are batch-dependent fails this and gets fixed passes."""
+        side = self.caps.size.tile_side(16)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(3, self.caps.in_channels, side, side, generator=gen).to(self.device, self.dtype)
+        together = self.module(x)
+        alone = self.module(x[2:3])
+        swapped = self.module(x[[2, 0]])
+        ok = (torch.equal(together[2], alone[0]) and torch.equal(together[2], swapped[0])
+              and torch.equal(together[0], swapped[1]))
+        if not ok:
+            log.info("upscaler %s: outputs depend on the batch on %s/%s; every pass of a tile shape"
+                     " gets the same batch size", self.spec.name, self.device, self.dtype_name)
+        return ok
 
     @property
     def device_name(self) -> str:
@@ -170,7 +231,9 @@ class Runner:
             bad = _failed(xd, y)
             if bool(bad.any()):
                 # fp16 overflows to inf in some nets (large activations), which then spreads NaN.
-                y[bad] = self._fp32_module()(xd[bad]).float()
+                # The whole pass is redone (its shape, hence its bits, do not depend on how many of
+                # its tiles failed), and only the failed tiles are replaced.
+                y[bad] = self._fp32_module()(xd).float()[bad]
                 self.redone_tiles += int(bad.sum())
                 log.warning(
                     "upscaler %s: %d tile(s) gave NaN/inf/black output in %s; redone in fp32",

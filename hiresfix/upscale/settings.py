@@ -73,7 +73,8 @@ class UpscalerSettings(BaseModel):
         description=(
             "Most tiles per forward pass, shared across requests. A pass never holds more input"
             " pixels than one tile_size x tile_size tile, so memory is bounded by tile_size alone:"
-            " small tiles (small images) batch, full-size tiles run one at a time."
+            " small tiles (small images) batch, full-size tiles run one at a time. Sharing a pass never"
+            " changes a job's output bits (hiresfix/upscale/tiling.py)."
         ),
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores.")

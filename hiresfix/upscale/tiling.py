@@ -16,6 +16,12 @@ Why it is shaped like this:
   linear ramp over the next ov/2, then 1. Measured on the real nets, a tile edge disturbs the
   output by 45 dB at 4 px and 97 dB at 16 px for Compact, but still 52 dB at 24 px for RRDB
   (its receptive field is far wider): ov = 32 gives tiled == untiled (>= 45 dB) for both.
+* Tiles of other requests sharing a pass must not change a tile's bits (same seed and parameters
+  give the same image, with or without concurrency). On the CPU the runner makes the forward
+  batch-invariant (runner._OneDnnConv2d: only a lone small tile used to take another kernel), so
+  passes are simply filled. Where that is not established (GPU: cuDNN/cuBLAS choose kernels by the
+  whole input shape, batch included), `fixed_batch` gives every pass of one tile shape the same
+  batch size, padded with zero tiles: a lone job pays for the empty slots, the memory bound holds.
 """
 
 from __future__ import annotations
@@ -172,12 +178,15 @@ def _overlap(plan: AxisPlan, i: int, s: int, out_len: int):
 
 
 def upscale_planes(planes: list[torch.Tensor], forward: Forward, *, scale: int, rule: SizeRule,
-                   tile: int, overlap: int, batch: int, border: int | None = None) -> list[torch.Tensor]:
+                   tile: int, overlap: int, batch: int, border: int | None = None,
+                   fixed_batch: bool = False) -> list[torch.Tensor]:
     """Upscale CPU float32 images (C, H, W) by `scale`; returns CPU float32 (H*s, W*s, C).
 
     Tiles of all planes that have the same tile shape share forward passes of up to `batch` tiles,
     and of at most tile*tile input pixels together.
     `border` (reflect context at the image edge) defaults to half the overlap.
+    `fixed_batch`: pad every pass with zero tiles to that full count (for a forward whose per-tile
+    output depends on the batch size; see the module notes).
     """
     border = overlap // 2 if border is None else border
     work = [_Plane(p, scale, tile, overlap, border, rule) for p in planes]
@@ -189,6 +198,8 @@ def upscale_planes(planes: list[torch.Tensor], forward: Forward, *, scale: int, 
         for k in range(0, len(items), per_pass):
             chunk = items[k:k + per_pass]
             x = torch.stack([pl.crop(iy, ix) for pl, iy, ix in chunk])
+            if fixed_batch and len(chunk) < per_pass:
+                x = torch.cat([x, x.new_zeros((per_pass - len(chunk), *x.shape[1:]))])
             y = forward(x)
             for j, (pl, iy, ix) in enumerate(chunk):
                 pl.add(iy, ix, y[j])
