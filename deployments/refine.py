@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.cancel import run_cancellable
 from hiresfix.face import FaceRestorer, FaceSettings
-from hiresfix.schemas import FaceRestorationInfo, GenerateRequest
+from hiresfix.schemas import GenerateRequest
 from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
 from hiresfix.stages import ImageBatch
 
@@ -34,17 +34,7 @@ class RefineFace:
 
     def _restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
         t0 = time.perf_counter()
-        results = [self.faces.restore(pic, weight, model) for pic in batch.pictures]
-        batch.pictures = [out for out, _ in results]
-        infos = [info for _, info in results]
-        # One summary per response: applied if any picture was, the first reason if one was not.
-        applied = [i for i in infos if i.applied]
-        batch.face_restoration = FaceRestorationInfo(
-            applied=bool(applied),
-            faces_found=sum(i.faces_found for i in infos),
-            model=(applied or infos)[0].model,
-            reason=next((i.reason for i in infos if not i.applied), None),
-        )
+        batch.pictures, batch.face_restoration = self.faces.restore_all(batch.pictures, weight, model)
         batch.add_time("face", time.perf_counter() - t0)
         return batch
 

@@ -315,3 +315,14 @@ def test_oom_is_reported_as_such(tiny, astronaut, exc):
     finally:
         handle.remove()
     assert out is astronaut and info.reason.startswith("out_of_memory")
+
+
+def test_restore_all_summarises_a_request(tiny, astronaut):
+    flat = Picture(np.full((128, 128, 3), 0.5, np.float32))
+    outs, info = tiny.restore_all([flat, astronaut, flat], 1.0)
+    assert len(outs) == 3 and outs[0] is flat and outs[2] is flat  # no face: the input itself
+    assert not np.array_equal(outs[1].rgb, astronaut.rgb)
+    assert info.applied and info.faces_found >= 1 and info.model == "tiny"
+    assert info.reason.startswith("no_face")  # why the other pictures were left alone
+    outs, info = tiny.restore_all([flat], 1.0)
+    assert not info.applied and info.faces_found == 0 and info.reason.startswith("no_face")

@@ -252,6 +252,22 @@ class FaceRestorer:
         out = picture.with_pixels(rgb, picture.alpha)
         return out, FaceRestorationInfo(applied=True, faces_found=found, model=name)
 
+    def restore_all(
+        self, pictures: list[Picture], weight: float, model: str | None = None
+    ) -> tuple[list[Picture], FaceRestorationInfo]:
+        """Restore every picture of a request; one summary for the response: applied if any picture
+        was, faces counted over all, the first reason a picture was left alone."""
+        results = [self.restore(p, weight, model) for p in pictures]
+        infos = [info for _, info in results]
+        applied = [i for i in infos if i.applied]
+        summary = FaceRestorationInfo(
+            applied=bool(applied),
+            faces_found=sum(i.faces_found for i in infos),
+            model=(applied or infos)[0].model if infos else None,
+            reason=next((i.reason for i in infos if not i.applied), None),
+        )
+        return [out for out, _ in results], summary
+
     def restore_crop(self, name: str, crop: np.ndarray) -> np.ndarray:
         """One aligned 512 x 512 x 3 float RGB face -> restored, same shape, in [0, 1]."""
         import torch
