@@ -11,4 +11,6 @@ rm -rf .whl && mkdir .whl
 dl diffusers==0.42.1 spandrel==0.4.2 pydantic==2.14.4 annotated-types typing-inspection
 core=$(unzip -p .whl/pydantic-2.14.4-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
 dl "pydantic-core==$core"
+# One real upscaler file for the batch-invariance check (../shared does not travel to the device).
+cp ../shared/weights/realesr-animevideov3-x4.safetensors .whl/
 ls -la .whl

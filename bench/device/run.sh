@@ -9,6 +9,8 @@ log=${OUT:-/tmp}/gpu_bench.log
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   echo "== upscaler: RealESRGAN_x2plus-shaped, 768 -> 1536, fp16 (goal < 0.15 s, < 1.5 GB)"
   timeout 120 python3 bench/gpu_upscale.py --size 768 --dtype fp16
+  echo "== upscaler: are a job's bits the same alone and batched with others on this GPU?"
+  timeout 60 python3 bench/upscale_bench.py --company --device cuda --weights .whl/realesr-animevideov3-x4.safetensors
   echo "== SDXL full size, random weights: base 768/30 steps, upscale 1536, refine 0.5, whole hires fix (goal < 5 s)"
   timeout 300 python3 bench/gpu_sdxl.py --size 768 --steps 30 --repeats 2
   echo "== face pass: GFPGAN-shaped, per face"
