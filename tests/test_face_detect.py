@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-cv2 = pytest.importorskip("cv2")
-skdata = pytest.importorskip("skimage.data")
+import cv2  # noqa: E402
+import skimage.data as skdata  # noqa: E402
 
 from hiresfix.face.align import FACE_SIZE, align_face, paste_face  # noqa: E402
 from hiresfix.face.detect import (  # noqa: E402

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-spandrel = pytest.importorskip("spandrel")
-skdata = pytest.importorskip("skimage.data")
+import torch  # noqa: E402
+import spandrel  # noqa: E402
+import skimage.data as skdata  # noqa: E402
 
 from hiresfix.face import FaceRestorer, FaceSettings  # noqa: E402
 from hiresfix.face.align import align_face  # noqa: E402
