@@ -22,16 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _build_random_gfpgan(folder: Path) -> Path:
-    import torch
-    from spandrel.architectures.GFPGAN import GFPGAN
-
-    torch.manual_seed(0)
-    path = folder / "GFPGAN-random.pth"
-    torch.save({"params_ema": GFPGAN().state_dict()}, path)
-    return path
+from random_nets import save_random_gfpgan  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def _bench(restorer, picture, runs: int, device: str) -> dict:
@@ -86,7 +77,7 @@ def main(argv=None) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights.resolve() if args.weights else _build_random_gfpgan(Path(tmp))
+        weights = args.weights.resolve() if args.weights else save_random_gfpgan(Path(tmp))
         print(
             f"model: {weights.name}  image: astronaut 512x512 (1 face)"
             f"  torch {torch.__version__}  threads {args.threads}"

@@ -1,51 +1,45 @@
-"""GPU latency and peak VRAM of a RealESRGAN_x2plus-shaped network, standalone (torch + spandrel).
+"""GPU latency and peak VRAM of the upscaler: RealESRGAN_x2plus-shaped, 768 -> 1536 (prints figures).
 
-The net is an RRDBNet with RealESRGAN_x2plus's shape (64 features, 23 blocks, grow 32,
-pixel-unshuffle input: 12 channels into an x4 body) with RANDOM weights: speed and memory depend on
-the shape, not on the values, and no weight file is needed. It is built with spandrel's own RRDBNet
-and then loaded through `spandrel.ModelLoader().load_from_state_dict`, the same detection path the
-service uses, which must report scale 2.
+Two measurements of the same network on the same input, in one run:
+  raw      one plain forward pass of the whole image (the floor any upscaler can reach);
+  product  hiresfix's UpscalerBank, as the upscaler deployment runs it: tiles, fp16 with the NaN/black
+           check, feathered blending, exact resize, float32 picture back in host memory.
+The ratio product/raw is the cost of tiling and of the safety checks.
 
-    python bench/gpu_upscale.py                       # fp16, 768 -> 1536, 10 timed runs
-    python bench/gpu_upscale.py --dtype bf16 --size 1024 --batch 2
+The net has RealESRGAN_x2plus's shape with RANDOM weights (speed and memory depend on the shape, not
+the values), saved as a release file and loaded through the product's spandrel path, which must
+detect scale 2. `--weights` adds real files (e.g. an x4 model serving the same x2 request).
+
+    python bench/gpu_upscale.py                       # fp16, 768 -> 1536, tiles 512 and 1024
+    python bench/gpu_upscale.py --dtype bf16 --size 1024 --tiles 512
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from random_nets import save_random_x2plus  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+DEVICE = "cuda"  # a module constant so a CPU dry run of this script can swap it
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=768, help="input side in px (output is 2x)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU visible to torch: this benchmark needs one")
-
+def _raw(path: Path, args) -> dict:
+    """One untiled forward of the whole image, timed on the GPU's own clock."""
     import spandrel
-    from spandrel.architectures.ESRGAN import ESRGAN
 
-    torch.manual_seed(0)
-    net = ESRGAN(in_nc=12, out_nc=3, num_filters=64, num_blocks=23, scale=4, shuffle_factor=2)
-    desc = spandrel.ModelLoader().load_from_state_dict(net.state_dict())
-    assert desc.scale == 2 and desc.input_channels == 3, (desc.scale, desc.input_channels)
-    dtype, dev = DTYPES[args.dtype], torch.device("cuda")
-    if (dtype is torch.float16 and not desc.supports_half) or (dtype is torch.bfloat16 and not desc.supports_bfloat16):
-        raise SystemExit(f"{desc.architecture.name} does not support {args.dtype}")
-    torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick the fastest kernels
+    desc = spandrel.ModelLoader().load_from_file(str(path))
+    dtype, dev = DTYPES[args.dtype], torch.device(DEVICE)
     model = desc.model.eval().to(dev, dtype)
-    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    x = torch.rand(args.batch, 3, args.size, args.size, device=dev, dtype=dtype)
-
+    x = torch.rand(1, 3, args.size, args.size, device=dev, dtype=dtype)
     with torch.inference_mode():
         for _ in range(args.warmup):
             y = model(x)
@@ -53,7 +47,6 @@ def main() -> None:
         del y
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
         times = []
         for _ in range(args.runs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,24 +54,86 @@ def main() -> None:
             y = model(x)
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))  # ms, measured on the GPU's own clock
-        peak = torch.cuda.max_memory_allocated()
-        reserved = torch.cuda.max_memory_reserved()
+            times.append(start.elapsed_time(end) / 1e3)
         finite = bool(torch.isfinite(y).all())
+    out = {"desc": desc, "times": times, "peak": torch.cuda.max_memory_allocated(), "finite": finite,
+           "shape": tuple(y.shape)}
+    del model, x, y
+    torch.cuda.empty_cache()
+    return out
 
-    out = tuple(y.shape)
-    assert out == (args.batch, 3, 2 * args.size, 2 * args.size), out
-    print(f"device   : {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, spandrel {spandrel.__version__}")
-    print(f"model    : {desc.architecture.name} {' '.join(desc.tags)}, x{desc.scale}, {args.dtype},"
-          f" weights {weights_mb:.1f} MiB")
-    print(f"shape    : {args.batch}x3x{args.size}x{args.size} -> {'x'.join(map(str, out))}")
-    print(f"latency  : median {statistics.median(times):.1f} ms, min {min(times):.1f} ms, max {max(times):.1f} ms"
-          f" over {args.runs} runs ({args.batch * args.runs * 1000 / sum(times):.2f} images/s)")
-    print(f"peak VRAM: {peak / 2**20:.0f} MiB allocated ({(peak - before) / 2**20:.0f} MiB above weights+input),"
-          f" {reserved / 2**20:.0f} MiB reserved by the caching allocator")
-    if not finite:
-        print("warning  : output has NaN/inf (random weights overflowing in low precision;"
-              " the service redoes such tiles in fp32)")
+
+def _product(path: Path, tile: int, args) -> dict:
+    """The deployment's code path, wall clock from host picture to host picture."""
+    import numpy as np
+
+    from hiresfix.images import Picture
+    from hiresfix.upscale import UpscalerBank, UpscalerModelSpec, UpscalerSettings
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    bank = UpscalerBank.from_settings(UpscalerSettings(
+        weights_dir=str(path.parent), device=DEVICE, dtype=args.dtype, tile_size=tile,
+        models=[UpscalerModelSpec(name="m", file=path.name)]))
+    info = bank.models_info()[0]
+    if not info.available:
+        raise SystemExit(f"{path.name}: not loaded: {info.reason}: {info.detail}")
+    runner = bank.runner()
+    rng = np.random.default_rng(0)
+    pic = Picture(rng.random((args.size, args.size, 3), dtype=np.float32))
+    target = (2 * args.size, 2 * args.size)
+    for _ in range(args.warmup):
+        bank.upscale([pic], 2.0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        out = bank.upscale([pic], 2.0)[0]
+        times.append(time.perf_counter() - t0)  # .picture is host memory: nothing left in flight
+    assert out.picture.size == target and out.upscaler_used == "m", (out.picture.size, out.upscaler_used)
+    res = {"times": times, "peak": torch.cuda.max_memory_allocated(), "redone": runner.redone_tiles,
+           "dtype": runner.dtype_name, "scale": runner.caps.scale}
+    del bank, runner
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=768, help="input side in px (output is 2x)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--tiles", default="512,1024", help="product tile_size values (serve_config.yaml: 512)")
+    ap.add_argument("--weights", action="append", default=[], help="also a real .pth/.safetensors file")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible to torch: this benchmark needs one")
+    import spandrel
+
+    torch.backends.cudnn.benchmark = True  # as the deployment runs it: few tile shapes, autotuned once
+    print(f"device : {torch.cuda.get_device_name()}, torch {torch.__version__}, spandrel {spandrel.__version__}")
+    print(f"request: {args.size}x{args.size} -> {2 * args.size}x{2 * args.size}, {args.dtype};"
+          f" median of {args.runs} after {args.warmup} warm-ups; goal < 0.15 s and < 1.5 GB")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [save_random_x2plus(Path(tmp))] + [Path(w).resolve() for w in args.weights]
+        for path in files:
+            raw = _raw(path, args)
+            desc = raw["desc"]
+            if path.name.startswith("RealESRGAN_x2plus"):
+                assert desc.scale == 2 and desc.input_channels == 3, (desc.scale, desc.input_channels)
+            raw_s = statistics.median(raw["times"])
+            print(f"{path.name}: {desc.architecture.name} x{desc.scale}"
+                  f" ({sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M params)")
+            print(f"  raw forward, whole image      : {raw_s * 1e3:7.1f} ms, peak {raw['peak'] / 2**30:.2f} GiB"
+                  f" allocated{'' if raw['finite'] else ' (output has NaN/inf: random weights overflow)'}")
+            for tile in [int(t) for t in args.tiles.split(",")]:
+                prod = _product(path, tile, args)
+                s = statistics.median(prod["times"])
+                print(f"  product, tile_size {tile:<5}     : {s * 1e3:7.1f} ms, peak {prod['peak'] / 2**30:.2f} GiB"
+                      f" allocated; {s / raw_s:.2f}x the raw time; {prod['dtype']},"
+                      f" {prod['redone']} tile(s) redone in fp32")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ rm -rf .whl && mkdir .whl
 dl diffusers==0.42.1 spandrel==0.4.2 pydantic==2.14.4 annotated-types typing-inspection
 core=$(unzip -p .whl/pydantic-2.14.4-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
 dl "pydantic-core==$core"
-# One real upscaler file for the batch-invariance check (../shared does not travel to the device).
-cp ../shared/weights/realesr-animevideov3-x4.safetensors .whl/
+# Real upscaler files (../shared does not travel to the device): animevideov3 for the batch-invariance
+# check, x4plus (RRDBNet, real weights) to show fp16 runs without NaN redo on real values.
+cp ../shared/weights/realesr-animevideov3-x4.safetensors ../shared/weights/realesrgan-x4plus.safetensors .whl/
 ls -la .whl
