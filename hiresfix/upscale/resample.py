@@ -6,6 +6,8 @@ that is both the fallback upscaler and the final "model's native scale -> reques
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -28,9 +30,19 @@ def resize_plane(a: np.ndarray, size: tuple[int, int], *, inplace: bool = False)
         out = np.asarray(im.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
         return np.clip(out, 0.0, 1.0)  # LANCZOS rings past the input range
     out = np.empty((size[1], size[0], a.shape[2]), np.float32)
-    for c in range(a.shape[2]):
+
+    def channel(c: int) -> None:
         out[..., c] = resize_plane(a[..., c], size)
+
+    # PIL releases the GIL while resampling: channels in parallel (x4 net -> x2 request, 3072 ->
+    # 1536 px: 0.23 s -> 0.12 s on 2 cores). Same per-channel arithmetic, so the same bits.
+    list(_pool().map(channel, range(a.shape[2])))
     return out
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="resample")
 
 
 def resize_picture(pic: Picture, size: tuple[int, int]) -> Picture:
