@@ -126,7 +126,7 @@ class Upscale:
     """The upscale stage's own code (UpscalerBank: tiles, fp16 with NaN check, exact resize) on a
     RealESRGAN_x2plus-shaped net of random weights or a given file; LANCZOS with --lanczos."""
 
-    def __init__(self, weights: str | None, device: str, dtype: str, lanczos: bool):
+    def __init__(self, weights: str | None, device: str, dtype: str, lanczos: bool, tile: int):
         from hiresfix.upscale import UpscalerBank, UpscalerModelSpec, UpscalerSettings
 
         self.use_neural = not lanczos
@@ -138,11 +138,11 @@ class Upscale:
         models = [UpscalerModelSpec(name=path.stem, file=path.name)] if path else []
         self.bank = UpscalerBank.from_settings(UpscalerSettings(
             weights_dir=str(path.parent) if path else "weights", device="cuda" if device.startswith("cuda")
-            else "cpu", dtype=dtype, tile_size=512, models=models))
+            else "cpu", dtype=dtype, tile_size=tile, models=models))
         info = self.bank.models_info()
         if self.use_neural and not info[0].available:
             raise SystemExit(f"upscaler not loaded: {info[0].reason}: {info[0].detail}")
-        self.name = f"{info[0].name}, {info[0].dtype}, tile 512" if self.use_neural else "lanczos"
+        self.name = f"{info[0].name}, {info[0].dtype}, tile {tile}" if self.use_neural else "lanczos"
 
     def __call__(self, batch, size: tuple[int, int]):
         outs = self.bank.upscale(batch.pictures, 0, use_neural=self.use_neural,
@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--scheduler", default="euler")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--upscaler-weights", help="a RealESRGAN file; default a random x2plus-shaped net")
+    ap.add_argument("--upscale-tile", type=int, default=800, help="upscaler tile_size (serve_config.yaml, x2plus)")
     ap.add_argument("--lanczos", action="store_true", help="upscale with LANCZOS instead")
     ap.add_argument("--stock-vae", action="store_true", help="force_upcast VAE (decode in fp32)")
     ap.add_argument("--no-vae-tiling", action="store_true")
@@ -218,7 +219,7 @@ def main() -> None:
     base, refine = BaseStage(pipe), RefineStage(img2img)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # drop the float32 construction buffers from the reserved figure
-    upscale = Upscale(args.upscaler_weights, device, args.dtype, args.lanczos)
+    upscale = Upscale(args.upscaler_weights, device, args.dtype, args.lanczos, args.upscale_tile)
     build_s = time.perf_counter() - t0
     weights_gib = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
                       pipe.text_encoder_2) for p in m.parameters()) / 2**30

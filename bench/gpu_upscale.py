@@ -11,6 +11,7 @@ the values), saved as a release file and loaded through the product's spandrel p
 detect scale 2. `--weights` adds real files (e.g. an x4 model serving the same x2 request).
 
     python bench/gpu_upscale.py                       # fp16, 768 -> 1536, tiles 512 and 1024
+    python bench/gpu_upscale.py --tiles 800 --cudnn-benchmark both
     python bench/gpu_upscale.py --dtype bf16 --size 1024 --tiles 512
 """
 
@@ -103,8 +104,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=768, help="input side in px (output is 2x)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    ap.add_argument("--tiles", default="512,1024", help="product tile_size values (serve_config.yaml: 512)")
+    ap.add_argument("--tiles", default="512,1024", help="product tile_size values (serve_config.yaml: 512, x2plus 800)")
     ap.add_argument("--weights", action="append", default=[], help="also a real .pth/.safetensors file")
+    ap.add_argument("--cudnn-benchmark", choices=["off", "on", "both"], default="off",
+                    help="torch.backends.cudnn.benchmark (the deployment leaves it off)")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
@@ -112,28 +115,35 @@ def main() -> None:
         raise SystemExit("no CUDA GPU visible to torch: this benchmark needs one")
     import spandrel
 
-    torch.backends.cudnn.benchmark = True  # as the deployment runs it: few tile shapes, autotuned once
     print(f"device : {torch.cuda.get_device_name()}, torch {torch.__version__}, spandrel {spandrel.__version__}")
     print(f"request: {args.size}x{args.size} -> {2 * args.size}x{2 * args.size}, {args.dtype};"
           f" median of {args.runs} after {args.warmup} warm-ups; goal < 0.15 s and < 1.5 GB")
     with tempfile.TemporaryDirectory() as tmp:
         files = [save_random_x2plus(Path(tmp))] + [Path(w).resolve() for w in args.weights]
         for path in files:
-            raw = _raw(path, args)
-            desc = raw["desc"]
-            if path.name.startswith("RealESRGAN_x2plus"):
-                assert desc.scale == 2 and desc.input_channels == 3, (desc.scale, desc.input_channels)
-            raw_s = statistics.median(raw["times"])
-            print(f"{path.name}: {desc.architecture.name} x{desc.scale}"
-                  f" ({sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M params)")
-            print(f"  raw forward, whole image      : {raw_s * 1e3:7.1f} ms, peak {raw['peak'] / 2**30:.2f} GiB"
-                  f" allocated{'' if raw['finite'] else ' (output has NaN/inf: random weights overflow)'}")
-            for tile in [int(t) for t in args.tiles.split(",")]:
-                prod = _product(path, tile, args)
-                s = statistics.median(prod["times"])
-                print(f"  product, tile_size {tile:<5}     : {s * 1e3:7.1f} ms, peak {prod['peak'] / 2**30:.2f} GiB"
-                      f" allocated; {s / raw_s:.2f}x the raw time; {prod['dtype']},"
-                      f" {prod['redone']} tile(s) redone in fp32")
+            for mode in (["off", "on"] if args.cudnn_benchmark == "both" else [args.cudnn_benchmark]):
+                torch.backends.cudnn.benchmark = mode == "on"
+                print(f"cudnn.benchmark {mode}:")
+                _one_file(path, args)
+
+
+def _one_file(path: Path, args) -> None:
+    """Raw forward, then the product at each tile size, for one weight file."""
+    raw = _raw(path, args)
+    desc = raw["desc"]
+    if path.name.startswith("RealESRGAN_x2plus"):
+        assert desc.scale == 2 and desc.input_channels == 3, (desc.scale, desc.input_channels)
+    raw_s = statistics.median(raw["times"])
+    print(f"{path.name}: {desc.architecture.name} x{desc.scale}"
+          f" ({sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M params)")
+    print(f"  raw forward, whole image      : {raw_s * 1e3:7.1f} ms, peak {raw['peak'] / 2**30:.2f} GiB"
+          f" allocated{'' if raw['finite'] else ' (output has NaN/inf: random weights overflow)'}")
+    for tile in [int(t) for t in args.tiles.split(",")]:
+        prod = _product(path, tile, args)
+        s = statistics.median(prod["times"])
+        print(f"  product, tile_size {tile:<5}     : {s * 1e3:7.1f} ms, peak {prod['peak'] / 2**30:.2f} GiB"
+              f" allocated; {s / raw_s:.2f}x the raw time; {prod['dtype']},"
+              f" {prod['redone']} tile(s) redone in fp32")
 
 
 if __name__ == "__main__":

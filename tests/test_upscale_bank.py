@@ -190,6 +190,24 @@ def test_jobs_sharing_a_model_share_forward_passes():
         assert t.upscaler_used == "anime" and np.array_equal(t.picture.rgb, a.picture.rgb)
 
 
+def test_a_model_can_set_its_own_tile_size():
+    """Per-model tile_size overrides the bank's: the same picture runs as 4 tiles under the bank's
+    40 px and as one tile under the model's 96 px, with the same pixels (tiled == untiled)."""
+    weights(ANIME)
+    b = UpscalerBank.from_settings(settings(spec("small"), spec("big", tile_size=96), tile_size=40,
+                                            tile_overlap=8, min_tile=16))
+    shapes = {n: [] for n in ("small", "big")}
+    for n in shapes:
+        b.runner(n).module.register_forward_pre_hook(lambda m, a, n=n: shapes[n].append(tuple(a[0].shape)))
+    pic = photo(100, 100, 56)
+    small, big = (b.upscale([pic], 2, model=n)[0].picture.rgb for n in ("small", "big"))
+    assert len(shapes["small"]) == 4 and all(max(s[-2:]) <= 40 for s in shapes["small"])
+    assert shapes["big"] == [(1, 3, 64, 64)]  # 56 px + 2 x 4 px context: one tile
+    assert psnr(small, big) > 45
+    with pytest.raises(ValueError, match="tile_size \\(8\\) is below min_tile"):
+        settings(spec("tiny", tile_size=8), min_tile=16)
+
+
 # --------------------------------------------------------------------------- same bits with company
 def _company_jobs():
     """A: one 38 px tile (30 px + 2 x 4 px context), alone a batch of one. B: another picture of A's

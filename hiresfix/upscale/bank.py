@@ -196,7 +196,7 @@ class UpscalerBank:
 
     def _start_tile(self, entry: _Entry, job: UpscaleJob) -> int:
         if entry.runner.caps.tileable:
-            return self.settings.tile_size
+            return entry.spec.tile_size or self.settings.tile_size
         # Untileable: start whole-image; OOM halving still applies.
         return max(job.picture.width, job.picture.height) + self.settings.tile_overlap
 
