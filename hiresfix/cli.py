@@ -121,12 +121,19 @@ def cmd_upscale(ns: argparse.Namespace) -> None:
 
 
 def cmd_weights(ns: argparse.Namespace) -> None:
-    from hiresfix.upscale.download import DownloadError, download_weights
+    from hiresfix.upscale.download import DownloadError, download_weights, known_weights
+    from hiresfix.weights import sha256_file
 
     try:
-        download_weights(ns.names or None, ns.weights_dir, progress=True)
+        paths = download_weights(ns.names or None, ns.weights_dir, progress=True)
     except DownloadError as exc:  # offline, unknown name, checksum: the message says what to do
         raise SystemExit(f"error: {exc}")
+    # No official hash is published for most release files: print what was fetched, so ops can pin
+    # it in the profile (`sha256:` on the model entry) and every later load is checked against it.
+    for path in paths:
+        known = known_weights(path.name)
+        how = "matches the known hash" if known and known.sha256 else "no official hash known: pin it in the profile"
+        print(f"{path}  sha256 {sha256_file(path)}  ({how})")
 
 
 def cmd_compare(ns: argparse.Namespace) -> None:

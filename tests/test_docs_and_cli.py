@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -46,6 +47,16 @@ def test_cli_says_when_no_server_is_running():
     p = subprocess.run([sys.executable, "-m", "hiresfix.cli", "generate", "x", "--url", "http://127.0.0.1:9"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "no hiresfix server" in p.stderr
+
+
+def test_cli_weights_prints_the_sha256_to_pin(tmp_path):
+    """A file already present is kept (no network) and reported with its hash for the profile."""
+    (tmp_path / "realesr-animevideov3.pth").write_bytes(b"pretend weights")
+    p = subprocess.run([sys.executable, "-m", "hiresfix.cli", "weights", "realesr-animevideov3",
+                        "--weights-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    digest = hashlib.sha256(b"pretend weights").hexdigest()
+    assert f"realesr-animevideov3.pth  sha256 {digest}  (no official hash known: pin it" in p.stdout
 
 
 def test_cli_weights_failure_is_a_message_not_a_traceback(tmp_path):

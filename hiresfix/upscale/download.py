@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hiresfix.upscale.settings import UpscalerModelSpec
+from hiresfix.weights import sha256_file
 
 _RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 
@@ -95,7 +96,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, *, progr
     leaves a half file under the real name), hashing as it goes."""
     dest = Path(dest)
     if dest.is_file() and not force:
-        if sha256 is None or _sha256(dest) == sha256.lower():
+        if sha256 is None or sha256_file(dest) == sha256.lower():
             return dest
         raise DownloadError(f"{dest} exists but its sha256 is not {sha256}: delete it or pass force=True")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +142,3 @@ def _bar(total: int | None, name: str):
     except ImportError:  # progress is a nicety, not a requirement
         return None
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
