@@ -112,7 +112,8 @@ class Ingress:
             if lim.max_side and getattr(req, name) > lim.max_side:
                 raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {lim.max_side}")
         if req.hires_fix and max(req.output_size()) > lim.max_output_side:
-            raise BadRequest("hires_scale", f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {lim.max_output_side}: lower hires_scale or the base size")
+            knob = "hires_width" if req.hires_width or req.hires_height else "hires_scale"
+            raise BadRequest(knob, f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {lim.max_output_side}: lower {knob} or the base size")
         if lim.max_steps and req.num_inference_steps > lim.max_steps:
             raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {lim.max_steps}")
         if lim.max_steps and req.hires_fix and req.hires_steps > lim.max_steps:
@@ -128,7 +129,7 @@ class Ingress:
         if req.refiner_switch_at is not None:
             batch = self.refine.finish.remote(batch, req)
         if req.hires_fix:
-            batch = self.upscaler.upscale.remote(batch, req.hires_scale, req.upscaler, req.use_realesrgan, True)
+            batch = self.upscaler.upscale.remote(batch, req.output_size(), req.upscaler, req.use_realesrgan)
             batch = self.refine.hires.remote(batch, req)
         if req.use_face_restoration:
             batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
@@ -147,11 +148,11 @@ class Ingress:
             )
         except ImageInputError as exc:
             raise BadRequest("image", str(exc), exc.status)
-        out_side = max(pic.width, pic.height) * req.scale
-        if out_side > self.limits.max_output_side:
-            raise BadRequest("scale", f"output would be {out_side:.0f} px on its long side; the limit is {self.limits.max_output_side}: lower scale")
+        size = (max(1, round(pic.width * req.scale)), max(1, round(pic.height * req.scale)))
+        if max(size) > self.limits.max_output_side:
+            raise BadRequest("scale", f"output would be {max(size)} px on its long side; the limit is {self.limits.max_output_side}: lower scale")
         batch = ImageBatch([pic], [None], {"decode": round(time.perf_counter() - t0, 4)})
-        batch = self.upscaler.upscale.remote(batch, req.scale, req.upscaler, req.use_realesrgan, False)
+        batch = self.upscaler.upscale.remote(batch, size, req.upscaler, req.use_realesrgan)
         if req.use_face_restoration:
             batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
         return await self._respond(await batch, req.output_format, t0)

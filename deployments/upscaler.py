@@ -11,7 +11,6 @@ import time
 
 from ray import serve
 
-from hiresfix.schemas import hires_size
 from hiresfix.stages import ImageBatch
 from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
 
@@ -27,17 +26,11 @@ class Upscaler:
         self._run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
 
     async def upscale(
-        self, batch: ImageBatch, scale: float, model: str | None, use_neural: bool, snap8: bool
+        self, batch: ImageBatch, size: tuple[int, int], model: str | None, use_neural: bool
     ) -> ImageBatch:
-        """Resize every picture of `batch` by `scale`. snap8: hires fix needs latent-grid sizes."""
+        """Resize every picture of `batch` to `size` (w, h): the ingress computed it from the request."""
         t0 = time.perf_counter()
-        jobs = []
-        for pic in batch.pictures:
-            if snap8:
-                size = hires_size(pic.width, pic.height, scale)
-            else:
-                size = (max(1, round(pic.width * scale)), max(1, round(pic.height * scale)))
-            jobs.append(UpscaleJob(pic, size, model, use_neural))
+        jobs = [UpscaleJob(pic, tuple(size), model, use_neural) for pic in batch.pictures]
         batch.record_upscale(await self._run(jobs))
         batch.add_time("upscale", time.perf_counter() - t0)
         return batch

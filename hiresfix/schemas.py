@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # Hard bounds that protect a replica whatever the profile. Profiles set stricter ones (ingress limits,
 # including the largest hires output side).
@@ -68,16 +68,28 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
     height: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.")
     num_inference_steps: int = Field(30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    scheduler: SchedulerName = Field("euler", description="Sampler for both passes.")
+    scheduler: SchedulerName = Field("euler", description="Sampler (also of the second pass, unless hires_scheduler).")
     num_images: int = Field(1, ge=1, le=4, description="Images per request, seeds seed, seed+1, ...")
     hires_fix: bool = Field(False, description="Upscale by hires_scale, then refine with img2img.")
     hires_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hires_width: int = Field(
+        0, ge=0, le=4 * MAX_SIDE,
+        description="Resize to this width instead of by hires_scale (A1111 'Resize width to'); 0 = unset."
+        " Set alone, the height follows the aspect ratio.",
+    )
+    hires_height: int = Field(
+        0, ge=0, le=4 * MAX_SIDE, description="Resize to this height instead; 0 = unset. Alone: width follows."
+    )
     hires_steps: int = Field(
         0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0 = derived from steps and strength."
     )
     denoising_strength: float = Field(0.5, gt=0.0, le=1.0, description="Second-pass strength.")
     hires_prompt: str = Field("", max_length=4000, description="Empty = same as prompt.")
     hires_negative_prompt: str = Field("", max_length=4000, description="Empty = same.")
+    hires_scheduler: SchedulerName | None = Field(None, description="Second-pass sampler; null = scheduler.")
+    hires_guidance_scale: float | None = Field(
+        None, ge=0.0, le=30.0, description="Second-pass CFG scale; null = guidance_scale."
+    )
     refiner_switch_at: float | None = Field(
         None,
         gt=0.0,
@@ -93,16 +105,53 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
             raise ValueError("prompt must contain some text")
         return v
 
-    @field_validator("width", "height")
+    @field_validator("width", "height", "hires_width", "hires_height")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
         return v
 
+    @field_validator("hires_width", "hires_height")
+    @classmethod
+    def _hires_target_fits(cls, v: int, info: ValidationInfo) -> int:
+        # Only an enlargement in the base's proportions: a stretched image would be a silent defect,
+        # and A1111's crop-to-fit surprises people; say what to change instead.
+        d = info.data  # the fields declared above this one that validated
+        if not v or not d.get("hires_fix"):
+            return v
+        side = info.field_name.removeprefix("hires_")
+        if d.get(side) and v < d[side]:
+            raise ValueError(f"the hires fix enlarges: {v} is below the base {side} {d[side]}")
+        if side == "height" and d.get("hires_width") and d.get("width") and d.get("height"):
+            follow = _snap8(d["hires_width"] * d["height"] / d["width"])
+            if abs(follow - v) > 8:
+                raise ValueError(
+                    f"{d['hires_width']}x{v} changes the aspect ratio of {d['width']}x{d['height']}:"
+                    f" set only hires_width or hires_height (the other follows, e.g. hires_height"
+                    f" {follow}) or both in proportion"
+                )
+        return v
+        w, h = self.output_size()
+        for name, got, base in (("hires_width", w, self.width), ("hires_height", h, self.height)):
+            if got < base:
+                raise ValueError(f"{name}: the hires fix enlarges, and {got} is below the base {base} px")
+        if self.hires_width and self.hires_height:
+            follow = _snap8(self.hires_width * self.height / self.width)
+            if abs(follow - self.hires_height) > 8:
+                raise ValueError(
+                    f"hires_width x hires_height ({self.hires_width}x{self.hires_height}) changes the"
+                    f" aspect ratio of {self.width}x{self.height}: set only one of them (the other"
+                    f" follows, e.g. {self.hires_width}x{follow}) or both in proportion"
+                )
+        return self
+
     def output_size(self) -> tuple[int, int]:
         if not self.hires_fix:
             return self.width, self.height
+        if self.hires_width or self.hires_height:  # A1111 "resize to": the unset side follows
+            return (self.hires_width or _snap8(self.hires_height * self.width / self.height),
+                    self.hires_height or _snap8(self.hires_width * self.height / self.width))
         return hires_size(self.width, self.height, self.hires_scale)
 
 

@@ -208,6 +208,20 @@ def test_hires_scheduler_and_guidance_apply(refine_stage, base_batch):
     assert not same(euler, hires(refine_stage, up, guidance_scale=2.0)[0])
 
 
+def test_hires_scheduler_and_guidance_of_their_own(refine_stage, base_batch):
+    """hires_scheduler / hires_guidance_scale set the second pass alone; unset, it uses the first's."""
+    up = upscaled(base_batch)
+    default, _ = hires(refine_stage, up)
+    own_sampler, _ = hires(refine_stage, up, hires_scheduler="dpmpp_2m")
+    assert not same(default, own_sampler)
+    assert same(own_sampler, hires(refine_stage, up, scheduler="dpmpp_2m")[0])
+    assert same(own_sampler, hires(refine_stage, up, scheduler="ddim", hires_scheduler="dpmpp_2m")[0])
+    own_cfg, _ = hires(refine_stage, up, hires_guidance_scale=2.0)
+    assert not same(default, own_cfg)
+    assert same(own_cfg, hires(refine_stage, up, guidance_scale=9.0, hires_guidance_scale=2.0)[0])
+    assert same(default, hires(refine_stage, up, hires_guidance_scale=make_req().guidance_scale)[0])
+
+
 def test_hires_refuses_sizes_off_the_latent_grid(refine_stage, base_batch):
     with pytest.raises(ValueError, match="multiples of 8"):
         refine_stage.hires(upscaled(base_batch, (100, 100)), make_req(hires_fix=True))

@@ -119,6 +119,13 @@ def test_generate_hires_fractional_scale_snaps_to_8(service):
     assert decode(r["image"]).size == (96, 144)
 
 
+def test_generate_hires_resize_to_width(service):
+    """A1111's "Resize width to": the height follows the base's aspect ratio, through the upscaler."""
+    body = {"prompt": "a boat", **TINY, "width": 64, "height": 96, "hires_fix": True, "hires_width": 112}
+    r = ok(post(service, "/generate", body))
+    assert decode(r["image"]).size == (112, 168) and r["upscaler_used"] == "realesr-animevideov3"
+
+
 def test_generate_ensemble_of_experts_then_hires(service):
     # base -> RefineFace.finish (from the switch point) -> Upscaler -> RefineFace.hires
     body = {"prompt": "a harbour", **TINY, "num_inference_steps": 6, "refiner_switch_at": 0.5,
@@ -284,6 +291,9 @@ def test_face_model_missing_degrades(service):
         ({"prompt": "x", "num_inference_steps": 60}, "num_inference_steps"),  # profile limit 50
         ({"prompt": "x", "width": 1536}, "width"),  # profile limit 1024
         ({"prompt": "x", "hires_scale": 9}, "hires_scale"),
+        ({"prompt": "x", "hires_fix": True, "hires_width": 4096}, "hires_width"),  # profile output limit
+        ({"prompt": "x", "hires_fix": True, "hires_width": 1024, "hires_height": 2048}, "hires_height"),  # aspect
+        ({"prompt": "x", "hires_scheduler": "magic"}, "hires_scheduler"),
         ({"prompt": "x", "denoising_strength": 0}, "denoising_strength"),
         ({"prompt": "x", "face_restoration_weight": 1.5}, "face_restoration_weight"),
         ({"prompt": "x", "output_format": "gif"}, "output_format"),

@@ -91,12 +91,13 @@ class RefineStage:
         if not pictures or len(sizes) != 1 or any(v % 8 for v in next(iter(sizes))):
             raise ValueError(f"hires needs pictures of one size, multiples of 8 (got {sorted(sizes)})")
         seeds = _batch_seeds(batch, len(pictures))
-        pipe = request_pipeline(self.pipe, req.scheduler)
+        pipe = request_pipeline(self.pipe, req.hires_scheduler or req.scheduler)
+        cfg = req.guidance_scale if req.hires_guidance_scale is None else req.hires_guidance_scale
         embeds = encode_prompt(
             pipe,
             req.hires_prompt or req.prompt,
             req.hires_negative_prompt or req.negative_prompt,
-            req.guidance_scale,
+            cfg,
         )
         steps = hires_schedule_length(
             req.num_inference_steps, req.hires_steps, req.denoising_strength,
@@ -108,7 +109,7 @@ class RefineStage:
                 image=[p.to_pil() for p in pictures],
                 strength=req.denoising_strength,
                 num_inference_steps=steps,
-                guidance_scale=req.guidance_scale,
+                guidance_scale=cfg,
                 num_images_per_prompt=len(pictures),
                 generator=generators(seeds),
                 callback_on_step_end=_diffusers_callback(on_step),
