@@ -132,19 +132,6 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
                     f" {follow}) or both in proportion"
                 )
         return v
-        w, h = self.output_size()
-        for name, got, base in (("hires_width", w, self.width), ("hires_height", h, self.height)):
-            if got < base:
-                raise ValueError(f"{name}: the hires fix enlarges, and {got} is below the base {base} px")
-        if self.hires_width and self.hires_height:
-            follow = _snap8(self.hires_width * self.height / self.width)
-            if abs(follow - self.hires_height) > 8:
-                raise ValueError(
-                    f"hires_width x hires_height ({self.hires_width}x{self.hires_height}) changes the"
-                    f" aspect ratio of {self.width}x{self.height}: set only one of them (the other"
-                    f" follows, e.g. {self.hires_width}x{follow}) or both in proportion"
-                )
-        return self
 
     def output_size(self) -> tuple[int, int]:
         if not self.hires_fix:
