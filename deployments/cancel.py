@@ -21,12 +21,16 @@ class RequestCancelled(Exception):
     """Raised inside the worker thread at the next step after the request was cancelled."""
 
 
-async def run_cancellable(work: Callable[[Callable[[int, int], None]], T], what: str) -> T:
+async def run_cancellable(work: Callable[[Callable[[int, int], None]], T], what: str,
+                          progress: Callable[[int], None] | None = None) -> T:
+    """`progress(steps_done)` is called from the worker thread after each step."""
     stop = threading.Event()
     steps = [0]
 
     def on_step(step: int, _timestep: int) -> None:
         steps[0] = step + 1
+        if progress is not None:
+            progress(steps[0])
         if stop.is_set():
             raise RequestCancelled(f"{what} cancelled at step {steps[0]}")
 

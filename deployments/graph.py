@@ -11,6 +11,7 @@ from ray.serve import Application
 
 from deployments.base import SDXLBase
 from deployments.ingress import Ingress, Limits
+from deployments.progress import Progress
 from deployments.refine import RefineFace
 from deployments.upscaler import Upscaler
 from hiresfix.face import FaceSettings
@@ -29,13 +30,15 @@ class AppArgs(BaseModel):
 def build_app(args: dict) -> Application:
     cfg = AppArgs.model_validate(args or {})
     sdxl = cfg.sdxl.model_dump()
-    base = SDXLBase.bind(sdxl)
-    upscaler = Upscaler.bind(cfg.upscaler.model_dump())
-    refine = RefineFace.bind(sdxl, cfg.face.model_dump())
+    progress = Progress.bind()  # GET /progress: every stage reports its steps here
+    base = SDXLBase.bind(sdxl, progress)
+    upscaler = Upscaler.bind(cfg.upscaler.model_dump(), progress)
+    refine = RefineFace.bind(sdxl, cfg.face.model_dump(), progress)
     return Ingress.bind(
         base,
         upscaler,
         refine,
+        progress,
         cfg.limits,
         [m.name for m in cfg.upscaler.models],
         [m.name for m in cfg.face.models],

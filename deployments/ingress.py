@@ -8,7 +8,9 @@ replica -> replica and only the final result comes back here.
 # or it reads the request body as a query parameter.
 import asyncio
 import logging
+import re
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,12 +21,14 @@ from ray.serve.handle import DeploymentHandle
 
 from hiresfix import __version__
 from hiresfix.images import ImageInputError, decode_image, encode_b64
+from hiresfix.progress import generate_plan
 from hiresfix.schemas import (
     GenerateRequest,
     HealthResponse,
     ImageResponse,
     ModelInfo,
     ModelsResponse,
+    ProgressInfo,
     UpscaleRequest,
 )
 from hiresfix.stages import ImageBatch
@@ -82,6 +86,25 @@ async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id(request: Request) -> str:
+    """The client's X-Request-ID (to follow the request at GET /progress/{id}), else Ray's own id
+    for this request (the one in Serve's access log), else a fresh one."""
+    rid = request.headers.get("x-request-id")
+    if rid is not None:
+        if not _REQUEST_ID.match(rid):
+            raise BadRequest("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
+        return rid
+    try:
+        from ray.serve.context import _get_serve_request_context  # private, hence guarded
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # noqa: BLE001
+        return uuid.uuid4().hex
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -90,11 +113,12 @@ class Ingress:
         base: DeploymentHandle,
         upscaler: DeploymentHandle,
         refine: DeploymentHandle,
+        progress: DeploymentHandle,
         limits: Limits,
         upscaler_names: list[str],
         face_names: list[str],
     ):
-        self.base, self.upscaler, self.refine = base, upscaler, refine
+        self.base, self.upscaler, self.refine, self.progress = base, upscaler, refine, progress
         self.limits = limits
         self.upscaler_names, self.face_names = upscaler_names, face_names
         self._infos: dict[str, dict] | None = None
@@ -112,7 +136,8 @@ class Ingress:
             if lim.max_side and getattr(req, name) > lim.max_side:
                 raise BadRequest(name, f"{getattr(req, name)} exceeds this deployment's limit of {lim.max_side}")
         if req.hires_fix and max(req.output_size()) > lim.max_output_side:
-            knob = "hires_width" if req.hires_width or req.hires_height else "hires_scale"
+            knob = ("hires_height" if req.hires_height and not req.hires_width
+                    else "hires_width" if req.hires_width else "hires_scale")
             raise BadRequest(knob, f"hires output would be {max(req.output_size())} px on its long side; this deployment's limit is {lim.max_output_side}: lower {knob} or the base size")
         if lim.max_steps and req.num_inference_steps > lim.max_steps:
             raise BadRequest("num_inference_steps", f"{req.num_inference_steps} exceeds this deployment's limit of {lim.max_steps}")
@@ -121,19 +146,57 @@ class Ingress:
 
     # --- routes ---
     @api.post("/generate", response_model=ImageResponse)
-    async def generate(self, req: GenerateRequest) -> Response:
+    async def generate(self, req: GenerateRequest, request: Request) -> Response:
         self._check_models(req.upscaler, req.face_model)
         self._check_generate_limits(req)
+        rid = _request_id(request)
         t0 = time.perf_counter()
-        batch = self.base.generate.remote(req)
-        if req.refiner_switch_at is not None:
-            batch = self.refine.finish.remote(batch, req)
-        if req.hires_fix:
-            batch = self.upscaler.upscale.remote(batch, req.output_size(), req.upscaler, req.use_realesrgan)
-            batch = self.refine.hires.remote(batch, req)
-        if req.use_face_restoration:
-            batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
-        return await self._respond(await batch, req.output_format, t0)
+        await self._progress_begin(rid, generate_plan(req))
+        try:
+            batch = self.base.generate.remote(req, rid)
+            if req.refiner_switch_at is not None:
+                batch = self.refine.finish.remote(batch, req)
+            if req.hires_fix:
+                batch = self.upscaler.upscale.remote(batch, req.output_size(), req.upscaler, req.use_realesrgan)
+                batch = self.refine.hires.remote(batch, req)
+            if req.use_face_restoration:
+                batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
+            result = await self._respond(await batch, req.output_format, t0, rid)
+        except asyncio.CancelledError:
+            self._progress_end(rid, "cancelled", "the client went away or request_timeout_s passed")
+            raise
+        except Exception as exc:
+            self._progress_end(rid, "failed", f"{exc.__class__.__name__}: {exc}"[:300])
+            raise
+        self._progress_end(rid, "done")
+        return result
+
+    @api.get("/progress/{request_id}", response_model=ProgressInfo)
+    async def progress_of(self, request_id: str) -> ProgressInfo:
+        try:
+            info = await asyncio.wait_for(self.progress.get.remote(request_id), timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            raise BadRequest("request_id", f"progress is unavailable right now ({exc.__class__.__name__});"
+                             " requests themselves are unaffected", 503)
+        if info is None:
+            raise BadRequest("request_id", f"no /generate request {request_id!r} is running or ended in the last"
+                             " 10 minutes; send your own X-Request-ID header with /generate to follow it", 404)
+        return info
+
+    async def _progress_begin(self, rid: str, plan: dict[str, int]) -> None:
+        try:
+            fresh = await asyncio.wait_for(self.progress.begin.remote(rid, plan), timeout=5)
+        except Exception:  # noqa: BLE001 - no progress bar is no reason to refuse the work
+            log.warning("progress unavailable for %s", rid, exc_info=True)
+            return
+        if not fresh:
+            raise BadRequest("x-request-id", f"{rid!r} belongs to a request that is still running: send a new id", 409)
+
+    def _progress_end(self, rid: str, state: str, detail: str | None = None) -> None:
+        try:
+            self.progress.end.remote(rid, state, detail)  # fire and forget
+        except Exception:  # noqa: BLE001
+            log.warning("progress end not recorded for %s", rid, exc_info=True)
 
     @api.post("/upscale", response_model=ImageResponse)
     async def upscale(self, req: UpscaleRequest) -> Response:
@@ -157,7 +220,7 @@ class Ingress:
             batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
         return await self._respond(await batch, req.output_format, t0)
 
-    async def _respond(self, batch: ImageBatch, fmt: str, t0: float) -> Response:
+    async def _respond(self, batch: ImageBatch, fmt: str, t0: float, request_id: str | None = None) -> Response:
         t_enc = time.perf_counter()
         images = await asyncio.to_thread(lambda: [encode_b64(p, fmt) for p in batch.pictures])
         batch.add_time("encode", time.perf_counter() - t_enc)
@@ -177,6 +240,7 @@ class Ingress:
             face_restoration=batch.face_restoration,
             output_format=fmt,
             timings=batch.timings,
+            request_id=request_id,
         )
         # Serialised once by pydantic's Rust encoder: FastAPI's generic path would re-validate and
         # walk megabytes of base64 again (~20-40 ms per large image).

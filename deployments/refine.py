@@ -6,8 +6,10 @@ import asyncio
 import time
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.cancel import run_cancellable
+from deployments.progress import Reporter
 from hiresfix.face import FaceRestorer, FaceSettings
 from hiresfix.schemas import GenerateRequest
 from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
@@ -16,19 +18,23 @@ from hiresfix.stages import ImageBatch
 
 @serve.deployment(name="RefineFace")
 class RefineFace:
-    def __init__(self, sdxl: dict, face: dict):
+    def __init__(self, sdxl: dict, face: dict, progress: DeploymentHandle | None = None):
         self.settings = SDXLSettings.model_validate(sdxl)
+        self.progress = Reporter(progress)
         self.pipe = load_refine_pipeline(self.settings)
         self.stage = RefineStage(self.pipe)
         self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
 
     async def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return await run_cancellable(lambda on_step: self.stage.finish(batch, req, on_step=on_step), "finish")
+        return await run_cancellable(lambda on_step: self.stage.finish(batch, req, on_step=on_step), "finish",
+                                     self.progress.stepper(batch.request_id, "finish"))
 
     async def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return await run_cancellable(lambda on_step: self.stage.hires(batch, req, on_step=on_step), "hires")
+        return await run_cancellable(lambda on_step: self.stage.hires(batch, req, on_step=on_step), "hires",
+                                     self.progress.stepper(batch.request_id, "hires"))
 
     async def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+        self.progress.mark(batch.request_id, "face")
         # Off the event loop, so info() and other requests are answered while faces are restored.
         return await asyncio.to_thread(self._restore_faces, batch, weight, model)
 

@@ -10,14 +10,17 @@ import asyncio
 import time
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
+from deployments.progress import Reporter
 from hiresfix.stages import ImageBatch
 from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
 
 
 @serve.deployment(name="Upscaler")
 class Upscaler:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, progress: DeploymentHandle | None = None):
+        self.progress = Reporter(progress)
         self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
 
     def reconfigure(self, config: dict) -> None:
@@ -30,6 +33,7 @@ class Upscaler:
     ) -> ImageBatch:
         """Resize every picture of `batch` to `size` (w, h): the ingress computed it from the request."""
         t0 = time.perf_counter()
+        self.progress.mark(batch.request_id, "upscale")
         jobs = [UpscaleJob(pic, tuple(size), model, use_neural) for pic in batch.pictures]
         batch.record_upscale(await self._run(jobs))
         batch.add_time("upscale", time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import threading
 import time
 import types
 import typing
+import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -50,28 +51,49 @@ def _payload(ns: argparse.Namespace, model: type[BaseModel]) -> dict:
 
 
 # ---------- HTTP with a progress line ----------
+def progress_line(info: dict) -> str:
+    """One status line from GET /progress: 'hires 6/15 | 63% | 12.3 s | ETA 7 s'."""
+    stage = f"{info['stage']} {info['step']}/{info['stage_steps']}" if info.get("stage") else "queued"
+    eta = f" | ETA {info['eta_s']:.0f} s" if info.get("eta_s") is not None else ""
+    return f"{stage} | {info['progress'] * 100:3.0f}% | {info['elapsed_s']:.1f} s{eta}"
+
+
 def _post(url: str, path: str, payload: dict, timeout: float, quiet: bool) -> dict:
     import httpx
 
+    base = url.rstrip("/")
+    # /generate is followed at GET /progress/{id}: the id must be ours, known before the answer.
+    rid = f"cli-{uuid.uuid4().hex[:16]}" if path == "/generate" else None
     done = threading.Event()
 
     def spin() -> None:
         t0, frames, i = time.time(), "|/-\\", 0
-        while not done.wait(0.2):
-            sys.stderr.write(f"\r{frames[i % 4]} waiting for {path} ... {time.time() - t0:5.1f}s")
-            sys.stderr.flush()
-            i += 1
-        sys.stderr.write("\r" + " " * 50 + "\r")
+        with httpx.Client(timeout=2.0) as client:
+            while not done.wait(0.5):
+                line = f"waiting for {path} ... {time.time() - t0:5.1f}s"
+                if rid:
+                    try:
+                        r = client.get(f"{base}/progress/{rid}")
+                        if r.status_code == 200:
+                            line = progress_line(r.json())
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        pass  # no bar this time; the request itself is unaffected
+                sys.stderr.write(f"\r{frames[i % 4]} {line:<60}")
+                sys.stderr.flush()
+                i += 1
+        sys.stderr.write("\r" + " " * 64 + "\r")
 
     spinner = threading.Thread(target=spin, daemon=True)
     if not quiet and sys.stderr.isatty():
         spinner.start()
     try:
-        r = httpx.post(url.rstrip("/") + path, json=payload, timeout=timeout)
+        r = httpx.post(base + path, json=payload, timeout=timeout, headers={"x-request-id": rid} if rid else None)
     except httpx.ConnectError:
         raise SystemExit(f"error: no hiresfix server at {url} (start one with `serve run serve_config.cpu.yaml`)")
     finally:
         done.set()
+        if spinner.is_alive():
+            spinner.join(timeout=3)
     if r.status_code >= 400:
         try:
             msg = r.json().get("error", r.text)

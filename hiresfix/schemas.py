@@ -181,6 +181,22 @@ class ImageResponse(BaseModel):
     face_restoration: FaceRestorationInfo = Field(default_factory=FaceRestorationInfo)
     output_format: OutputFormat = "png"
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, and total.")
+    request_id: str | None = Field(None, description="/generate: the X-Request-ID sent, or one assigned.")
+
+
+class ProgressInfo(BaseModel):
+    """GET /progress/{request_id}: where a /generate request is (send your own X-Request-ID)."""
+
+    request_id: str
+    state: Literal["running", "done", "failed", "cancelled"]
+    stage: str | None = Field(None, description="base, finish, upscale, hires or face; null before the first step.")
+    step: int = Field(0, description="Steps done in the current stage.")
+    stage_steps: int = Field(0, description="Steps the current stage runs.")
+    progress: float = Field(..., ge=0.0, le=1.0, description="Whole request; upscale and face count as one step each.")
+    elapsed_s: float
+    eta_s: float | None = Field(None, description="Seconds left at the pace so far; null until the first step.")
+    plan: dict[str, int] = Field(default_factory=dict, description="Steps per stage, in order.")
+    detail: str | None = Field(None, description="Why it failed, when it did.")
 
 
 class ModelInfo(BaseModel):

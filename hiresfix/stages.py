@@ -34,6 +34,8 @@ class ImageBatch:
     face_restoration: FaceRestorationInfo = field(default_factory=FaceRestorationInfo)
     # Ensemble-of-experts only: base latents handed to the refine model (pictures is empty then).
     latents: Any = None
+    # The request's id, carried from stage to stage so each can report progress (GET /progress).
+    request_id: str | None = None
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 4)

@@ -33,7 +33,7 @@ def test_serve_config_validates_with_rays_schema(name):
     assert app.import_path == "deployments.graph:build_app"
     AppArgs.model_validate(app.args)  # our own args schema, extra keys forbidden
     deps = {d.name: d for d in app.deployments}
-    assert set(deps) == {"Ingress", "SDXLBase", "Upscaler", "RefineFace"}
+    assert set(deps) == {"Ingress", "SDXLBase", "Upscaler", "RefineFace", "Progress"}
     for d in deps.values():
         assert d.max_queued_requests and d.max_queued_requests > 0, f"{d.name}: unbounded queue"
         # A full queue answers 503 from Ray itself (our exception handler never sees it): only

@@ -174,6 +174,62 @@ def test_upscale_bits_do_not_depend_on_concurrent_requests(service):
         assert ok(out[0])["image"] == alone
 
 
+# ---------------------------------------------------------------- progress
+def test_progress_follows_a_generate_request(service):
+    """GET /progress/{X-Request-ID} while /generate runs: stage, step, growing fraction, ETA; then
+    done. A second request with the same id while the first runs is refused (409)."""
+    rid = f"test-progress-{time.time_ns()}"
+    body = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_inference_steps": 30, "seed": 7,
+            "hires_fix": True, "hires_steps": 8}
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
+        service.url + "/generate", json=body, headers={"x-request-id": rid}, timeout=300)))
+    t.start()
+    seen, clash = [], None
+    deadline = time.time() + 240
+    while t.is_alive() and time.time() < deadline:
+        r = httpx.get(f"{service.url}/progress/{rid}", timeout=30)
+        if r.status_code == 200:
+            seen.append(r.json())
+            if clash is None and seen[-1]["stage"] is not None:
+                clash = httpx.post(service.url + "/generate", json={"prompt": "x", **TINY},
+                                   headers={"x-request-id": rid}, timeout=60)
+        time.sleep(0.05)
+    t.join()
+    assert ok(out["r"])["request_id"] == rid
+    running = [s for s in seen if s["state"] == "running" and s["stage"] is not None]
+    assert running, seen[:3]
+    assert running[0]["plan"] == {"base": 30, "upscale": 1, "hires": 8}
+    fractions = [s["progress"] for s in running]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
+    assert any(s["stage"] == "base" and 0 < s["step"] < 30 for s in running), "seen mid-run, not only at the end"
+    assert any(s["eta_s"] is not None and s["eta_s"] > 0 for s in running)
+    assert clash is not None and clash.status_code == 409
+    assert clash.json()["detail"][0]["field"] == "x-request-id"
+    for _ in range(100):  # the end is recorded fire-and-forget: it lands within moments
+        final = ok(httpx.get(f"{service.url}/progress/{rid}", timeout=30))
+        if final["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert final["state"] == "done" and final["progress"] == 1.0 and final["eta_s"] is None
+
+
+def test_progress_without_a_client_id_and_for_unknown_ids(service):
+    r = ok(post(service, "/generate", {"prompt": "a kite", **TINY}))
+    assert r["request_id"]  # assigned by the server (Serve's own request id)
+    for _ in range(100):
+        p = ok(httpx.get(f"{service.url}/progress/{r['request_id']}", timeout=30))
+        if p["state"] == "done":
+            break
+        time.sleep(0.05)
+    assert p["state"] == "done" and p["plan"] == {"base": 4}
+    missing = httpx.get(f"{service.url}/progress/no-such-request", timeout=30)
+    assert missing.status_code == 404 and "X-Request-ID" in missing.json()["detail"][0]["message"]
+    bad = httpx.post(service.url + "/generate", json={"prompt": "x", **TINY},
+                     headers={"x-request-id": "spaces are not allowed"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "x-request-id"
+
+
 # ---------------------------------------------------------------- /upscale and the five fallbacks
 def test_upscale_with_real_model(service):
     src = astronaut(64)

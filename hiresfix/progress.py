@@ -1,0 +1,117 @@
+"""Progress of running /generate requests: what A1111's progress bar and ComfyUI's websocket show.
+
+The ingress opens an entry with the request's plan (denoising steps per stage, in order), the stages
+report steps as they run, and GET /progress/{request_id} reads it. Progress counts denoising steps;
+the upscale and face passes count as one step each. A report for a later stage means every earlier
+one is finished, so dropped or throttled reports never leave the bar behind. Ray-free: the Progress
+deployment only wraps a ProgressBoard.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hiresfix.schemas import GenerateRequest, ProgressInfo
+
+STAGE_ORDER = ("base", "finish", "upscale", "hires", "face")
+
+
+def generate_plan(req: GenerateRequest) -> dict[str, int]:
+    """Steps each stage of `req` runs, in order (the documented step rules of GenerateRequest)."""
+    n = req.num_inference_steps
+    plan: dict[str, int] = {}
+    if req.refiner_switch_at is not None:  # ensemble of experts: the base stops at the switch point
+        plan["base"] = max(1, min(n - 1, round(n * req.refiner_switch_at))) if n > 1 else 1
+        plan["finish"] = max(1, n - plan["base"])
+    else:
+        plan["base"] = n
+    if req.hires_fix:
+        plan["upscale"] = 1
+        s = req.denoising_strength
+        plan["hires"] = min(req.hires_steps, int(1000 * s)) if req.hires_steps else max(1, int(n * s))
+    if req.use_face_restoration:
+        plan["face"] = 1
+    return plan
+
+
+@dataclass
+class _Entry:
+    plan: dict[str, int]
+    started: float
+    done: dict[str, int] = field(default_factory=dict)  # steps finished per stage
+    stage: str | None = None
+    state: str = "running"
+    detail: str | None = None
+    finished: float | None = None
+
+
+class ProgressBoard:
+    """Thread-safe; keeps finished entries `keep_s` seconds and at most `max_entries` in all."""
+
+    def __init__(self, keep_s: float = 600.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.keep_s, self.max_entries, self.clock = keep_s, max_entries, clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def begin(self, request_id: str, plan: dict[str, int]) -> bool:
+        """Open an entry; False when a running request already uses this id."""
+        with self._lock:
+            self._evict()
+            old = self._entries.get(request_id)
+            if old is not None and old.state == "running":
+                return False
+            self._entries.pop(request_id, None)
+            self._entries[request_id] = _Entry(plan={k: max(1, v) for k, v in plan.items()}, started=self.clock())
+            return True
+
+    def report(self, request_id: str, stage: str, steps_done: int) -> None:
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is None or e.state != "running" or stage not in e.plan:
+                return  # unknown (never begun, or evicted) or already over: nothing to show
+            for earlier in list(e.plan)[: list(e.plan).index(stage)]:
+                e.done[earlier] = e.plan[earlier]
+            e.done[stage] = max(e.done.get(stage, 0), min(steps_done, e.plan[stage]))
+            e.stage = stage
+
+    def end(self, request_id: str, state: str, detail: str | None = None) -> None:
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is None or e.state != "running":
+                return
+            e.state, e.detail, e.finished = state, detail, self.clock()
+            if state == "done":
+                e.done = dict(e.plan)
+
+    def get(self, request_id: str) -> ProgressInfo | None:
+        with self._lock:
+            self._evict()
+            e = self._entries.get(request_id)
+            if e is None:
+                return None
+            total = sum(e.plan.values())
+            fraction = sum(e.done.values()) / total
+            if e.state == "running":
+                fraction = min(fraction, 0.99)  # every step done, the answer still being encoded
+            now = e.finished if e.finished is not None else self.clock()
+            elapsed = now - e.started
+            eta = elapsed * (1 - fraction) / fraction if e.state == "running" and fraction > 0 else None
+            return ProgressInfo(
+                request_id=request_id, state=e.state, stage=e.stage,
+                step=e.done.get(e.stage, 0) if e.stage else 0,
+                stage_steps=e.plan.get(e.stage, 0) if e.stage else 0,
+                progress=round(fraction, 4), elapsed_s=round(elapsed, 2),
+                eta_s=None if eta is None else round(eta, 1), plan=dict(e.plan), detail=e.detail,
+            )
+
+    def _evict(self) -> None:
+        now = self.clock()
+        for rid in [r for r, e in self._entries.items() if e.finished is not None and now - e.finished > self.keep_s]:
+            del self._entries[rid]
+        while len(self._entries) > self.max_entries:  # oldest first, finished or not
+            self._entries.popitem(last=False)
