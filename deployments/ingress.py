@@ -8,6 +8,7 @@ replica -> replica and only the final result comes back here.
 # or it reads the request body as a query parameter.
 import asyncio
 import logging
+import os
 import re
 import time
 import uuid
@@ -86,6 +87,28 @@ async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
 
 
+# Set by Ingress.__init__ from the profile's limits. An environment variable, not a module global:
+# Serve ships the FastAPI app (and this middleware) to the replica by value, so the middleware's
+# module globals are not the ones the Ingress class sees; the process environment is shared.
+_MAX_BODY_ENV = "HIRESFIX_MAX_BODY_BYTES"
+
+
+@api.middleware("http")
+async def _body_size(request: Request, call_next):
+    """Refuse an oversized body from its Content-Length, before it is read and parsed: a huge JSON
+    body would otherwise sit in the ingress several times over (and could take the replica down)."""
+    limit = int(os.environ.get(_MAX_BODY_ENV, "0"))
+    length = request.headers.get("content-length", "")
+    if limit and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={
+            "error": "request body too large",
+            "detail": [{"field": "body", "message": f"{int(length)} bytes; this deployment accepts at most {limit}"
+                        " (an image of up to max_input_bytes, base64-encoded, plus the other fields)"}]})
+    return await call_next(request)
+
+
+INFO_TTL_S = 30.0  # how long /health and /models reuse the stages' model reports
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -120,8 +143,10 @@ class Ingress:
     ):
         self.base, self.upscaler, self.refine, self.progress = base, upscaler, refine, progress
         self.limits = limits
+        os.environ[_MAX_BODY_ENV] = str(limits.max_input_bytes * 4 // 3 + 1024 * 1024)  # base64 + other fields
         self.upscaler_names, self.face_names = upscaler_names, face_names
         self._infos: dict[str, dict] | None = None
+        self._infos_at = 0.0
 
     # --- validation that depends on the configuration, not only on the schema ---
     def _check_models(self, upscaler: str | None, face_model: str | None) -> None:
@@ -248,9 +273,10 @@ class Ingress:
 
     # --- health and models ---
     async def _stage_infos(self) -> dict[str, dict]:
-        """Each stage's model report. Models are fixed for a replica's life, so a complete answer is
-        kept: /health stays fast when the stages are busy (info() queues behind real work)."""
-        if self._infos is not None:
+        """Each stage's model report, kept for INFO_TTL_S: /health stays fast when the stages are busy
+        (info() queues behind real work), and still sees a stage replica that restarted or scaled out
+        with a different outcome (a weights file fixed or gone)."""
+        if self._infos is not None and time.monotonic() - self._infos_at < INFO_TTL_S:
             return self._infos
         handles = {"SDXLBase": self.base, "Upscaler": self.upscaler, "RefineFace": self.refine}
 
@@ -265,7 +291,7 @@ class Ingress:
             else:
                 infos[name] = a
         if all(not isinstance(a, BaseException) for a in answers):
-            self._infos = infos
+            self._infos, self._infos_at = infos, time.monotonic()
         return infos
 
     async def _deployment_states(self) -> dict[str, str]:

@@ -129,6 +129,12 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> Picture:
     """Base64 (or raw bytes) -> Picture, refusing bombs, junk and unsupported formats with 4xx."""
+    # Base64 holds 3 bytes per 4 characters: refuse a too-long string before copying and decoding it
+    # (the slack covers a data: URL prefix and line breaks).
+    if isinstance(data, str) and len(data) > max_bytes * 4 // 3 * 1.05 + 4096:
+        raise ImageInputError(
+            f"image is about {len(data) * 3 // 4} bytes; the limit is {max_bytes} bytes: send a smaller file", 413
+        )
     raw = _b64decode(data) if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
         raise ImageInputError(

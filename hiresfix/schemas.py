@@ -83,7 +83,10 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
     hires_steps: int = Field(
         0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0 = derived from steps and strength."
     )
-    denoising_strength: float = Field(0.5, gt=0.0, le=1.0, description="Second-pass strength.")
+    denoising_strength: float = Field(
+        # Below 0.001 not one of the 1000 training timesteps would run (diffusers fails on an empty schedule).
+        0.5, ge=0.001, le=1.0, description="Second-pass strength."
+    )
     hires_prompt: str = Field("", max_length=4000, description="Empty = same as prompt.")
     hires_negative_prompt: str = Field("", max_length=4000, description="Empty = same.")
     hires_scheduler: SchedulerName | None = Field(None, description="Second-pass sampler; null = scheduler.")

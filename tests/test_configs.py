@@ -74,6 +74,11 @@ def test_rayservice_manifest_validates_and_embeds_the_serve_config():
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
+    # Every deployment at its max_replicas must fit the GPU workers the cluster may start.
+    peak = sum(d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1))
+               * d["ray_actor_options"].get("num_gpus", 0) for d in embedded["applications"][0]["deployments"])
+    group = spec["workerGroupSpecs"][0]
+    assert peak <= group["maxReplicas"] * int(group["rayStartParams"]["num-gpus"]), peak
 
 
 def test_schema_validation_can_fail():

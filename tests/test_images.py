@@ -62,6 +62,12 @@ def test_decompression_bomb_is_413(side):
     assert e.value.status == 413
 
 
+def test_too_long_base64_is_413_before_decoding():
+    with pytest.raises(ImageInputError, match="limit is 100 bytes") as e:
+        decode_image("!" * 10_000, max_bytes=100)  # not even base64 (400), but refused for its length first
+    assert e.value.status == 413
+
+
 def test_too_many_bytes_is_413():
     with pytest.raises(ImageInputError) as e:
         decode_image(_png(Image.fromarray(_rgb())), max_bytes=100)

@@ -235,6 +235,14 @@ def test_hires_schedule_length():
             n = hires_schedule_length(30, hires_steps, strength, max_steps=10**6)
             assert int(n * strength) == hires_steps and int((n - 1) * strength) < hires_steps
     assert hires_schedule_length(30, 150, 0.01) == 1000  # capped by the training schedule
+    for strength in (0.001, 0.0015):  # the schema's floor: still at least one step
+        assert int(hires_schedule_length(30, 5, strength) * strength) == 1
+        assert int(hires_schedule_length(30, 0, strength) * strength) == 1
+
+
+def test_lowest_strength_the_schema_accepts_runs_one_step(refine_stage, base_batch):
+    _, ran = hires(refine_stage, upscaled(base_batch), denoising_strength=0.001, hires_steps=3)
+    assert len(ran) == 1  # hires_steps 3 is capped by the schedule: one step, not an empty one
 
 
 # --- ensemble of experts (refiner_switch_at) ----------------------------------------------------

@@ -190,6 +190,26 @@ def test_jobs_sharing_a_model_share_forward_passes():
         assert t.upscaler_used == "anime" and np.array_equal(t.picture.rgb, a.picture.rgb)
 
 
+def test_host_memory_budget_runs_jobs_in_turn_and_refuses_one_too_big():
+    """max_native_megapixels: concurrent jobs whose native-scale outputs exceed it together run in
+    turn (same pixels as all at once); a job above it alone gets LANCZOS with out_of_memory."""
+    weights(ANIME)
+    kw = dict(tile_size=96, tile_overlap=8, min_tile=16, tile_batch=8)
+    pics = [photo(0, 0, 40), photo(200, 200, 40), photo(300, 100, 40)]  # 160^2 = 25.6 k native px each
+    jobs = [UpscaleJob(p, (80, 80)) for p in pics]
+    free = UpscalerBank.from_settings(settings(spec(), **kw)).upscale_jobs(jobs)
+    b = UpscalerBank.from_settings(settings(spec(), max_native_megapixels=0.06, **kw))
+    calls = []
+    b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    tight = b.upscale_jobs(jobs)
+    assert calls == [2, 1]  # two jobs fit in 60 k px, the third runs after them
+    for f, t in zip(free, tight):
+        assert t.upscaler_used == "anime" and np.array_equal(f.picture.rgb, t.picture.rgb)
+    big = b.upscale_jobs([UpscaleJob(photo(0, 0, 64), (128, 128))])[0]  # 256^2 = 65.5 k native px
+    assert big.upscaler_used == "lanczos" and big.fallback_reason is FallbackReason.out_of_memory
+    assert "max_native_megapixels" in big.fallback_detail and big.picture.size == (128, 128)
+
+
 def test_a_model_can_set_its_own_tile_size():
     """Per-model tile_size overrides the bank's: the same picture runs as 4 tiles under the bank's
     40 px and as one tile under the model's 96 px, with the same pixels (tiled == untiled)."""

@@ -184,10 +184,39 @@ class UpscalerBank:
                 outcomes[i] = UpscaleOutcome(resize_picture(job.picture, job.target_size), name)
             else:
                 groups.setdefault((name, self._start_tile(entry, job)), []).append(i)
+        budget = self.settings.max_native_megapixels * 1e6
         for (name, tile), idx in groups.items():
-            for i, outcome in zip(idx, self._run_group(self._entries[name], [jobs[i] for i in idx], tile)):
-                outcomes[i] = outcome
+            entry = self._entries[name]
+            # The full-size accumulators of a group live in host memory together: run the group in
+            # chunks under the budget (same bits: a tile's output never depends on its company).
+            chunk, used = [], 0.0
+            for i in idx:
+                need = self._native_pixels(entry, jobs[i])
+                if need > budget:
+                    outcomes[i] = _lanczos(jobs[i], FallbackReason.out_of_memory,
+                                           f"upscaler {name!r} would hold {need / 1e6:.0f} MP at its native"
+                                           f" x{entry.runner.caps.scale} scale, above max_native_megapixels"
+                                           f" ({budget / 1e6:.0f}): ask for a smaller image or scale")
+                    continue
+                if chunk and used + need > budget:
+                    self._run_chunk(entry, jobs, chunk, tile, outcomes)
+                    chunk, used = [], 0.0
+                chunk.append(i)
+                used += need
+            if chunk:
+                self._run_chunk(entry, jobs, chunk, tile, outcomes)
         return outcomes  # type: ignore[return-value]
+
+    def _run_chunk(self, entry: _Entry, jobs: list[UpscaleJob], idx: list[int], tile: int,
+                   outcomes: list) -> None:
+        for i, outcome in zip(idx, self._run_group(entry, [jobs[i] for i in idx], tile)):
+            outcomes[i] = outcome
+
+    def _native_pixels(self, entry: _Entry, job: UpscaleJob) -> float:
+        s = entry.runner.caps.scale ** _passes(job, entry.runner.caps.scale, self.settings.beyond_native)
+        a = job.picture.alpha
+        planes = 2 if a is not None and float(a.min()) != float(a.max()) else 1
+        return job.picture.width * job.picture.height * s * s * planes
 
     def _job_model(self, job: UpscaleJob) -> str | None:
         if job.model is None and not self._entries:

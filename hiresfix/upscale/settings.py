@@ -71,9 +71,8 @@ class UpscalerSettings(BaseModel):
         ge=8,
         description=(
             "Largest model input tile side (source px); bounds the memory of one forward pass."
-            " GPU: 512 or more. CPU: ~192 is fastest, as activations stay in cache (1024 px input,"
-            " animevideov3, 2 cores: 0.64x the time of an untiled forward and 3.1x less peak memory;"
-            " 512: 0.98x and 2.0x; bench/upscale_bench.py)."
+            " GPU: 512 or more (see the model's own tile_size). CPU: ~192 is fastest, as activations"
+            " stay in cache (figures: README, 'Upscaler benchmarks'; bench/upscale_bench.py)."
         ),
     )
     tile_overlap: int = Field(32, ge=0, description="Overlap between neighbouring tiles (source px).")
@@ -86,6 +85,16 @@ class UpscalerSettings(BaseModel):
             " pixels than one tile_size x tile_size tile, so memory is bounded by tile_size alone:"
             " small tiles (small images) batch, full-size tiles run one at a time. Sharing a pass never"
             " changes a job's output bits (hiresfix/upscale/tiling.py)."
+        ),
+    )
+    max_native_megapixels: float = Field(
+        300.0,
+        gt=0.0,
+        description=(
+            "Host-memory bound: most output pixels at the model's native scale (alpha counted as a"
+            " second plane) held at once, 12 bytes each. Concurrent jobs beyond it run in turn; one job"
+            " above it alone (a x4 model asked for 8192 px is 268 MP) falls back to LANCZOS with"
+            " out_of_memory before anything is allocated."
         ),
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null = all cores.")
