@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
 import statistics
 import sys
@@ -81,6 +82,16 @@ def main() -> None:
                 server.append(tm["total"])
                 stage.append(tm["upscale"])
                 assert r.json()["upscaler_used"] == "realesr-animevideov3", r.json()["fallback_detail"]
+            # The same request answered with the PNG itself (Accept: image/png): no base64, no JSON.
+            bin_http, bin_hops = [], []
+            for _ in range(ns.runs):
+                t = time.perf_counter()
+                r = httpx.post(app.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=600)
+                wall = time.perf_counter() - t
+                r.raise_for_status()
+                tm = json.loads(r.headers["x-hiresfix-meta"])["timings"]
+                bin_http.append(wall - tm["total"])
+                bin_hops.append(tm["total"] - tm["upscale"] - tm.get("decode", 0) - tm.get("encode", 0))
         finally:
             app.stop()
 
@@ -98,6 +109,10 @@ def main() -> None:
     print(f"    HTTP + JSON/base64 (client - server total) {med(http) * 1000:8.1f} ms")
     print(f"  serving overhead (hops + HTTP), the target   {med([h + x for h, x in zip(hops, http)]) * 1000:8.1f} ms")
     print(f"  ratio service/in-process      {med(svc) / med(inproc):8.3f}")
+    print("  the same, answered with the PNG itself (Accept: image/png):")
+    print(f"    Ray hops                                   {med(bin_hops) * 1000:8.1f} ms")
+    print(f"    HTTP (client - server total)               {med(bin_http) * 1000:8.1f} ms")
+    print(f"  serving overhead, image/png answer           {med([h + x for h, x in zip(bin_hops, bin_http)]) * 1000:8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -26,6 +27,12 @@ def post(service, path, body, timeout=300):
 
 def decode(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    im.load()
+    return im
+
+
+def decode_bytes(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
     im.load()
     return im
 
@@ -303,6 +310,34 @@ def test_upscale_keeps_alpha(service):
     assert im.mode == "RGBA" and im.size == (64, 64)
     a = np.asarray(im)[..., 3].astype(float)
     assert a[:, :4].mean() < 30 and a[:, -4:].mean() > 225
+
+
+# ---------------------------------------------------------------- image/* answers
+def test_upscale_answers_with_the_file_when_asked(service):
+    """Accept: image/png: the PNG itself, the same bytes the JSON answer carries in base64, with
+    the fallback and timings in headers."""
+    body = {"image": png_b64(astronaut(48)), "scale": 2}
+    as_json = ok(post(service, "/upscale", body))
+    r = httpx.post(service.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=300)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == base64.b64decode(as_json["image"])
+    assert r.headers["x-upscaler-used"] == "realesr-animevideov3" and "x-fallback-reason" not in r.headers
+    meta = json.loads(r.headers["x-hiresfix-meta"])
+    assert meta["width"] == 96 and meta["upscaler_used"] == "realesr-animevideov3" and "upscale" in meta["timings"]
+    off = httpx.post(service.url + "/upscale", json={**body, "use_realesrgan": False},
+                     headers={"accept": "image/webp, application/json;q=0.5"}, timeout=300)
+    assert off.headers["content-type"] == "image/webp" and decode_bytes(off.content).format == "WEBP"
+    assert off.headers["x-fallback-reason"] == "disabled_by_request"
+
+
+def test_generate_answers_with_the_file_when_asked(service):
+    r = httpx.post(service.url + "/generate", json={"prompt": "a fox", **TINY, "output_format": "jpeg"},
+                   headers={"accept": "image/*"}, timeout=300)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert decode_bytes(r.content).size == (64, 64) and r.headers["x-seed"] == "1234"
+    many = httpx.post(service.url + "/generate", json={"prompt": "a fox", **TINY, "num_images": 2},
+                      headers={"accept": "image/png"}, timeout=300)
+    assert many.status_code == 406 and many.json()["detail"][0]["field"] == "num_images"
 
 
 # ---------------------------------------------------------------- faces
