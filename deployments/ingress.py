@@ -242,7 +242,8 @@ class Ingress:
 
     async def _progress_begin(self, rid: str, plan: dict[str, int]) -> None:
         try:
-            fresh = await asyncio.wait_for(self.progress.begin.remote(rid, plan), timeout=5)
+            # Short: a stuck Progress replica must not slow every request down.
+            fresh = await asyncio.wait_for(self.progress.begin.remote(rid, plan), timeout=2)
         except Exception:  # noqa: BLE001 - no progress bar is no reason to refuse the work
             log.warning("progress unavailable for %s", rid, exc_info=True)
             return
@@ -350,6 +351,7 @@ class Ingress:
     async def health(self) -> HealthResponse:
         infos, states = await asyncio.gather(self._stage_infos(), self._deployment_states())
         deployments = {name: {**info, "state": states.get(name, "UNKNOWN")} for name, info in infos.items()}
+        deployments["Progress"] = {"state": states.get("Progress", "UNKNOWN")}  # GET /progress behind it
         up, rf = infos["Upscaler"], infos["RefineFace"]
         models = [ModelInfo(**m) for m in up.get("models", []) + rf.get("face_models", [])]
         healthy = all(d["state"] == "HEALTHY" for d in deployments.values()) and states.get("Ingress") == "HEALTHY"

@@ -58,7 +58,8 @@ def test_health_reports_models_and_deployments(service):
     assert h["status"] == "ok"
     assert h["realesrgan_available"] is True
     assert h["face_restoration_available"] is True
-    assert set(h["deployments"]) == {"SDXLBase", "Upscaler", "RefineFace"}
+    assert set(h["deployments"]) == {"SDXLBase", "Upscaler", "RefineFace", "Progress"}
+    assert all(d["state"] == "HEALTHY" for d in h["deployments"].values())
     by_name = {m["name"]: m for m in h["models"]}
     assert by_name["realesr-animevideov3"]["available"] is True
     assert by_name["realesr-animevideov3"]["scale"] == 4
