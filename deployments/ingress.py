@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from hiresfix import __version__
+from hiresfix.a1111 import A1111Error, Txt2ImgRequest, Txt2ImgResponse, info_json
 from hiresfix.images import ImageInputError, decode_image, encode_b64, encode_image
 from hiresfix.progress import generate_plan
 from hiresfix.schemas import (
@@ -206,8 +207,32 @@ class Ingress:
         if binary and req.num_images > 1:
             raise BadRequest("num_images", "an image/* answer holds one image: ask for application/json to get"
                              f" {req.num_images}, or set num_images to 1", 406)
-        rid = _request_id(request)
-        t0 = time.perf_counter()
+        rid, t0 = _request_id(request), time.perf_counter()
+        return await self._generate(
+            req, rid, lambda batch: self._respond(batch, binary or req.output_format, t0, rid, binary is not None))
+
+    @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
+    async def a1111_txt2img(self, body: Txt2ImgRequest, request: Request) -> Response:
+        """AUTOMATIC1111's txt2img API (hiresfix/a1111.py): A1111 clients work unchanged."""
+        try:
+            req, notes = body.to_generate(self.upscaler_names)
+        except A1111Error as exc:
+            raise BadRequest(exc.field, exc.message)
+        self._check_models(req.upscaler, req.face_model)
+        self._check_generate_limits(req)
+        rid, t0 = _request_id(request), time.perf_counter()
+
+        async def respond(batch: ImageBatch) -> Response:
+            ours, _ = await self._encode(batch, "png", t0, rid, binary=False)
+            meta = ours.model_dump(mode="json", exclude={"image", "images"})
+            out = Txt2ImgResponse(images=ours.images, parameters=body.model_dump(),
+                                  info=info_json(req, ours.seeds, meta, notes))
+            return Response(out.model_dump_json(), media_type="application/json")
+
+        return await self._generate(req, rid, respond)
+
+    async def _generate(self, req: GenerateRequest, rid: str, respond) -> Response:
+        """The stages of one generate request, chained replica to replica, with its progress."""
         await self._progress_begin(rid, generate_plan(req))
         try:
             batch = self.base.generate.remote(req, rid)
@@ -218,7 +243,7 @@ class Ingress:
                 batch = self.refine.hires.remote(batch, req)
             if req.use_face_restoration:
                 batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
-            result = await self._respond(await batch, binary or req.output_format, t0, rid, binary is not None)
+            result = await respond(await batch)
         except asyncio.CancelledError:
             self._progress_end(rid, "cancelled", "the client went away or request_timeout_s passed")
             raise
@@ -279,9 +304,11 @@ class Ingress:
         binary = _binary_format(request, req.output_format)
         return await self._respond(await batch, binary or req.output_format, t0, binary=binary is not None)
 
-    async def _respond(self, batch: ImageBatch, fmt: str, t0: float, request_id: str | None = None,
-                       binary: bool = False) -> Response:
+    async def _encode(self, batch: ImageBatch, fmt: str, t0: float, request_id: str | None,
+                      binary: bool) -> tuple[ImageResponse, bytes | None]:
+        """The answer's body, and for an image/* answer the file itself (its `images` stay empty)."""
         t_enc = time.perf_counter()
+        data = None
         if binary:
             data = await asyncio.to_thread(encode_image, batch.pictures[0], fmt)
             images = [""]
@@ -306,6 +333,11 @@ class Ingress:
             timings=batch.timings,
             request_id=request_id,
         )
+        return body, data
+
+    async def _respond(self, batch: ImageBatch, fmt: str, t0: float, request_id: str | None = None,
+                       binary: bool = False) -> Response:
+        body, data = await self._encode(batch, fmt, t0, request_id, binary)
         if binary:
             # Header values must be latin-1: ensure_ascii escapes everything else (paths in details).
             meta = json.dumps(body.model_dump(mode="json", exclude={"image", "images"}), separators=(",", ":"))

@@ -313,6 +313,28 @@ def test_upscale_keeps_alpha(service):
     assert a[:, :4].mean() < 30 and a[:, -4:].mean() > 225
 
 
+# ---------------------------------------------------------------- AUTOMATIC1111 API
+def test_a1111_txt2img_with_hires_fix(service):
+    """An A1111 client's request, unchanged: images, parameters and info as A1111 answers them."""
+    body = {"prompt": "a castle", "negative_prompt": "", "seed": 1234, "sampler_name": "Euler", "steps": 4,
+            "cfg_scale": 7, "width": 64, "height": 64, "batch_size": 2, "n_iter": 1, "enable_hr": True,
+            "hr_scale": 2, "hr_upscaler": "R-ESRGAN AnimeVideo", "denoising_strength": 0.5,
+            "send_images": True, "save_images": False, "styles": ["cinematic"]}
+    r = ok(post(service, "/sdapi/v1/txt2img", body))
+    assert len(r["images"]) == 2 and all(decode(b).size == (128, 128) for b in r["images"])
+    assert r["parameters"]["hr_upscaler"] == "R-ESRGAN AnimeVideo"
+    info = json.loads(r["info"])
+    assert info["all_seeds"] == [1234, 1235] and info["upscaler_used"] == "realesr-animevideov3"
+    assert info["ignored"] == ["styles: not supported, ignored"]
+    # The same picture our own API makes from the same parameters: one pipeline behind both.
+    ours = ok(post(service, "/generate", {"prompt": "a castle", **TINY, "num_images": 2, "hires_fix": True,
+                                          "scheduler": "euler", "guidance_scale": 7, "denoising_strength": 0.5,
+                                          "upscaler": "realesr-animevideov3"}))
+    assert ours["images"][0] == r["images"][0]
+    bad = post(service, "/sdapi/v1/txt2img", {**body, "sampler_name": "LMS"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "sampler_name"
+
+
 # ---------------------------------------------------------------- image/* answers
 def test_upscale_answers_with_the_file_when_asked(service):
     """Accept: image/png: the PNG itself, the same bytes the JSON answer carries in base64, with
