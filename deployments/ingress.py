@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from hiresfix import __version__
-from hiresfix.a1111 import A1111Error, Txt2ImgRequest, Txt2ImgResponse, info_json
+from hiresfix.a1111 import A1111Error, ExtrasRequest, ExtrasResponse, Txt2ImgRequest, Txt2ImgResponse, info_json
 from hiresfix.images import ImageInputError, decode_image, encode_b64, encode_image
 from hiresfix.progress import generate_plan
 from hiresfix.schemas import (
@@ -283,8 +283,33 @@ class Ingress:
 
     @api.post("/upscale", response_model=ImageResponse, responses=_BINARY_DOC)
     async def upscale(self, req: UpscaleRequest, request: Request) -> Response:
-        self._check_models(req.upscaler, req.face_model)
         t0 = time.perf_counter()
+        batch = await self._upscale(req, t0)
+        binary = _binary_format(request, req.output_format)
+        return await self._respond(batch, binary or req.output_format, t0, binary=binary is not None)
+
+    @api.post("/sdapi/v1/extra-single-image", response_model=ExtrasResponse)
+    async def a1111_extras(self, body: ExtrasRequest) -> Response:
+        """AUTOMATIC1111's upscale API (hiresfix/a1111.py)."""
+        try:
+            req, notes = body.to_upscale(self.upscaler_names)
+        except A1111Error as exc:
+            raise BadRequest(exc.field, exc.message)
+        t0 = time.perf_counter()
+        try:
+            batch = await self._upscale(req, t0)
+        except BadRequest as exc:
+            exc.field = {"scale": "upscaling_resize", "upscaler": "upscaler_1"}.get(exc.field, exc.field)
+            raise
+        ours, _ = await self._encode(batch, "png", t0, None, binary=False)
+        meta = {**ours.model_dump(mode="json", exclude={"image", "images"}), "ignored": notes}
+        summary = f"upscaler: {ours.upscaler_used}" + (f" (fallback: {ours.fallback_reason.value})" if ours.fallback_reason else "")
+        out = ExtrasResponse(image=ours.image, html_info=f"<p>{summary}</p>", info=json.dumps(meta))
+        return Response(out.model_dump_json(), media_type="application/json")
+
+    async def _upscale(self, req: UpscaleRequest, t0: float) -> ImageBatch:
+        """Decode, check, then the upscale (and face) stages of one upscale request."""
+        self._check_models(req.upscaler, req.face_model)
         try:
             pic = await asyncio.to_thread(
                 decode_image,
@@ -301,8 +326,7 @@ class Ingress:
         batch = self.upscaler.upscale.remote(batch, size, req.upscaler, req.use_realesrgan)
         if req.use_face_restoration:
             batch = self.refine.restore_faces.remote(batch, req.face_restoration_weight, req.face_model)
-        binary = _binary_format(request, req.output_format)
-        return await self._respond(await batch, binary or req.output_format, t0, binary=binary is not None)
+        return await batch
 
     async def _encode(self, batch: ImageBatch, fmt: str, t0: float, request_id: str | None,
                       binary: bool) -> tuple[ImageResponse, bytes | None]:

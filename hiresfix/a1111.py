@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 API compatibility: `POST /sdapi/v1/txt2img` mapped onto GenerateRequest.
+"""AUTOMATIC1111 API compatibility: txt2img and extra-single-image mapped onto our requests.
 
 Tools written for A1111 (editor plugins, chat front-ends, scripts) send this JSON to port 7860; with
 this route they work unchanged against a hiresfix cluster. The mapping is data (A1111 name -> ours).
@@ -13,7 +13,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hiresfix.schemas import GenerateRequest
+from hiresfix.schemas import GenerateRequest, UpscaleRequest
 
 # A1111 sampler name (lower case) -> ours. A1111 >= 1.9 moved "Karras" into a separate `scheduler`.
 SAMPLERS = {
@@ -140,7 +140,7 @@ def _upscaler(name: str | None, configured: list[str], notes: list[str]) -> dict
     ours = next((c for c in configured if c.lower() == key), None) or UPSCALER_ALIASES.get(key)
     if ours in configured:
         return {"upscaler": ours}
-    notes.append(f"hr_upscaler: {name!r} is not available here (latent upscaling is not supported);"
+    notes.append(f"upscaler {name!r} is not available here (latent upscaling is not supported);"
                  " the default upscaler ran")
     return {}
 
@@ -176,3 +176,46 @@ def info_json(gen: GenerateRequest, seeds: list[int], response: dict, notes: lis
         "fallback_detail": response.get("fallback_detail"), "face_restoration": response.get("face_restoration"),
         "timings": response.get("timings"), "ignored": notes,
     })
+
+
+class ExtrasRequest(BaseModel):
+    """A1111's `POST /sdapi/v1/extra-single-image` (upscale, optionally GFPGAN), A1111's defaults."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = ""
+    resize_mode: int = Field(0, description="0 = by upscaling_resize; 1 (to a size) is not supported.")
+    upscaling_resize: float = 2.0
+    upscaler_1: str | None = None
+    upscaler_2: str | None = None
+    extras_upscaler_2_visibility: float = 0.0
+    gfpgan_visibility: float = Field(0.0, description="> 0 runs face restoration at this weight.")
+    codeformer_visibility: float = 0.0
+
+    def to_upscale(self, upscalers: list[str]) -> tuple[UpscaleRequest, list[str]]:
+        extra = self.model_extra or {}
+        notes = [f"{k}: not supported, ignored" for k, v in extra.items() if k not in HARMLESS and _matters(v)]
+        if self.resize_mode != 0:
+            raise A1111Error("resize_mode", "only resize_mode 0 is supported: give upscaling_resize (a factor)")
+        if self.upscaler_2 and self.upscaler_2.lower() != "none" and self.extras_upscaler_2_visibility > 0:
+            notes.append("upscaler_2: blending a second upscaler is not supported, ignored")
+        if self.codeformer_visibility > 0:
+            notes.append("codeformer_visibility: use gfpgan_visibility (the configured face model), ignored")
+        fields = dict(image=self.image, scale=self.upscaling_resize, **_upscaler(self.upscaler_1, upscalers, notes))
+        if self.gfpgan_visibility > 0:
+            fields.update(use_face_restoration=True, face_restoration_weight=min(1.0, self.gfpgan_visibility))
+        try:
+            return UpscaleRequest(**fields), notes
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            ours = str(err["loc"][0]) if err["loc"] else "body"
+            name = {"scale": "upscaling_resize"}.get(ours, ours)
+            raise A1111Error(name, err["msg"].removeprefix("Value error, ")) from None
+
+
+class ExtrasResponse(BaseModel):
+    """A1111's answer (`image`, `html_info`), plus `info`: our response metadata as a JSON string."""
+
+    image: str
+    html_info: str
+    info: str

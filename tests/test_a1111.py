@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hiresfix.a1111 import A1111Error, Txt2ImgRequest, info_json
+from hiresfix.a1111 import A1111Error, ExtrasRequest, Txt2ImgRequest, info_json
 
 CONFIGURED = ["RealESRGAN_x2plus", "RealESRGAN_x4plus", "realesr-animevideov3"]
 
@@ -76,3 +76,19 @@ def test_info_is_a1111_shaped_json():
     assert (info["seed"], info["all_seeds"], info["width"], info["height"]) == (7, [7, 8], 1024, 1024)
     assert info["upscaler_used"] == "lanczos" and info["fallback_reason"] == "weights_missing"
     assert info["ignored"] == ["styles: not supported, ignored"]
+
+
+def test_extras_single_image_maps_to_an_upscale():
+    req, notes = ExtrasRequest(image="abc", upscaling_resize=3, upscaler_1="R-ESRGAN 2x+",
+                               gfpgan_visibility=0.8, show_extras_results=True).to_upscale(CONFIGURED)
+    assert (req.image, req.scale, req.upscaler, req.use_realesrgan) == ("abc", 3, "RealESRGAN_x2plus", True)
+    assert (req.use_face_restoration, req.face_restoration_weight) == (True, 0.8)
+    assert notes == ["show_extras_results: not supported, ignored"]
+    plain, notes = ExtrasRequest(image="abc", upscaler_1="Lanczos", upscaler_2="R-ESRGAN 4x+",
+                                 extras_upscaler_2_visibility=0.5).to_upscale(CONFIGURED)
+    assert plain.use_realesrgan is False and not plain.use_face_restoration and "upscaler_2" in notes[0]
+    for kw, field in (({"resize_mode": 1}, "resize_mode"), ({"upscaling_resize": 20}, "upscaling_resize"),
+                      ({"image": ""}, "image")):
+        with pytest.raises(A1111Error) as e:
+            ExtrasRequest(**{"image": "abc", **kw}).to_upscale(CONFIGURED)
+        assert e.value.field == field

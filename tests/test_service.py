@@ -335,6 +335,17 @@ def test_a1111_txt2img_with_hires_fix(service):
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "sampler_name"
 
 
+def test_a1111_extra_single_image(service):
+    src = png_b64(astronaut(48))
+    r = ok(post(service, "/sdapi/v1/extra-single-image", {"image": src, "upscaling_resize": 2,
+                                                           "upscaler_1": "R-ESRGAN AnimeVideo", "resize_mode": 0}))
+    assert decode(r["image"]).size == (96, 96) and "realesr-animevideov3" in r["html_info"]
+    assert r["image"] == ok(post(service, "/upscale", {"image": src, "scale": 2}))["image"]
+    assert json.loads(r["info"])["upscaler_used"] == "realesr-animevideov3"
+    big = post(service, "/sdapi/v1/extra-single-image", {"image": png_b64(astronaut(512)), "upscaling_resize": 8})
+    assert big.status_code == 422 and big.json()["detail"][0]["field"] == "upscaling_resize"
+
+
 # ---------------------------------------------------------------- image/* answers
 def test_upscale_answers_with_the_file_when_asked(service):
     """Accept: image/png: the PNG itself, the same bytes the JSON answer carries in base64, with
