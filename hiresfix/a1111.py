@@ -111,12 +111,17 @@ class Txt2ImgRequest(BaseModel):
             raise A1111Error("prompt", "prompt is empty: hiresfix needs some text to draw")
         if fields["num_images"] > 4:
             raise A1111Error("batch_size", f"batch_size x n_iter is {fields['num_images']}; at most 4 per request")
-        try:
-            return GenerateRequest(**fields), notes
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            ours = str(err["loc"][0]) if err["loc"] else "body"
-            raise A1111Error(A1111_FIELD.get(ours, ours), err["msg"].removeprefix("Value error, ")) from None
+        return _build(GenerateRequest, fields, A1111_FIELD), notes
+
+
+def _build(model: type[BaseModel], fields: dict, a1111_names: dict[str, str]):
+    """Our request from mapped fields; a validation error names the A1111 field the client sent."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ours = str(err["loc"][0]) if err["loc"] else "body"
+        raise A1111Error(a1111_names.get(ours, ours), err["msg"].removeprefix("Value error, ")) from None
 
 
 def _sampler(field: str, name: str | None, scheduler: str | None) -> str | None:
@@ -204,13 +209,7 @@ class ExtrasRequest(BaseModel):
         fields = dict(image=self.image, scale=self.upscaling_resize, **_upscaler(self.upscaler_1, upscalers, notes))
         if self.gfpgan_visibility > 0:
             fields.update(use_face_restoration=True, face_restoration_weight=min(1.0, self.gfpgan_visibility))
-        try:
-            return UpscaleRequest(**fields), notes
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            ours = str(err["loc"][0]) if err["loc"] else "body"
-            name = {"scale": "upscaling_resize"}.get(ours, ours)
-            raise A1111Error(name, err["msg"].removeprefix("Value error, ")) from None
+        return _build(UpscaleRequest, fields, {"scale": "upscaling_resize"}), notes
 
 
 class ExtrasResponse(BaseModel):
