@@ -10,18 +10,15 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
-import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hiresfix import __version__
+from deployments.http import BINARY_DOC, MAX_BODY_ENV, BadRequest, api, binary_format, request_id
 from hiresfix.a1111 import A1111Error, ExtrasRequest, ExtrasResponse, Txt2ImgRequest, Txt2ImgResponse, info_json
 from hiresfix.images import ImageInputError, decode_image, encode_b64, encode_image
 from hiresfix.progress import generate_plan
@@ -38,12 +35,6 @@ from hiresfix.stages import ImageBatch
 
 log = logging.getLogger("hiresfix.ingress")
 
-api = FastAPI(
-    title="hiresfix",
-    version=__version__,
-    description="SDXL with a RealESRGAN hires fix and face restoration, on Ray Serve.",
-)
-
 
 class Limits(BaseModel):
     """Per-profile request limits, stricter than the schema's hard bounds (serve_config args.limits)."""
@@ -56,106 +47,7 @@ class Limits(BaseModel):
     max_input_bytes: int = 32 * 1024 * 1024
 
 
-class BadRequest(Exception):
-    def __init__(self, field: str, message: str, status: int = 422):
-        self.field, self.message, self.status = field, message, status
-
-
-def _field_errors(errors) -> list[dict]:
-    out = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        out.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type")})
-    return out
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    details = _field_errors(exc.errors())
-    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "detail": details})
-
-
-@api.exception_handler(BadRequest)
-async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-    detail = [{"field": exc.field, "message": exc.message}]
-    return JSONResponse(status_code=exc.status, content={"error": f"{exc.field}: {exc.message}", "detail": detail})
-
-
-@api.exception_handler(Exception)
-async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
-    # A full queue never gets here: Serve answers 503 with Retry-After itself (backpressure_config).
-    log.exception("request failed")
-    return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
-
-
-# Set by Ingress.__init__ from the profile's limits. An environment variable, not a module global:
-# Serve ships the FastAPI app (and this middleware) to the replica by value, so the middleware's
-# module globals are not the ones the Ingress class sees; the process environment is shared.
-_MAX_BODY_ENV = "HIRESFIX_MAX_BODY_BYTES"
-
-
-class _BodySizeLimit:
-    """Refuse an oversized body from its Content-Length, before it is read and parsed: a huge JSON
-    body would otherwise sit in the ingress several times over (and could take the replica down).
-    Plain ASGI, not @app.middleware: that one re-streams every response body (~10 ms on 2 MB)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            limit = int(os.environ.get(_MAX_BODY_ENV, "0"))
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if limit and length.isdigit() and int(length) > limit:
-                response = JSONResponse(status_code=413, content={
-                    "error": "request body too large",
-                    "detail": [{"field": "body", "message": f"{int(length)} bytes; this deployment accepts at most"
-                                f" {limit} (an image of up to max_input_bytes, base64-encoded, plus the other fields)"}]})
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-api.add_middleware(_BodySizeLimit)
-
-# `Accept: image/png` (or jpeg, webp, image/*): the answer is the file itself, its metadata in headers.
-# No base64 (a third smaller) and no JSON to parse: what curl users and scripts want.
-_IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
-_BINARY_DOC = {200: {"content": {t: {} for t in _IMAGE_TYPES}, "description": (
-    "With `Accept: image/png|image/jpeg|image/webp|image/*`: the image file itself (one image), and"
-    " the rest of ImageResponse in headers: X-Upscaler-Used, X-Fallback-Reason, X-Seed and"
-    " X-Hiresfix-Meta (all of it as JSON).")}}
-
-
-def _binary_format(request: Request, output_format: str) -> str | None:
-    """The format to answer with as a bare file, or None for the JSON answer."""
-    types = [t.split(";")[0].strip().lower() for t in request.headers.get("accept", "").split(",")]
-    for t in types:
-        if t in _IMAGE_TYPES:
-            return _IMAGE_TYPES[t]
-    return output_format if "image/*" in types else None
-
-
 INFO_TTL_S = 30.0  # how long /health and /models reuse the stages' model reports
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def _request_id(request: Request) -> str:
-    """The client's X-Request-ID (to follow the request at GET /progress/{id}), else Ray's own id
-    for this request (the one in Serve's access log), else a fresh one."""
-    rid = request.headers.get("x-request-id")
-    if rid is not None:
-        if not _REQUEST_ID.match(rid):
-            raise BadRequest("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
-        return rid
-    try:
-        from ray.serve.context import _get_serve_request_context  # private, hence guarded
-
-        return _get_serve_request_context().request_id or uuid.uuid4().hex
-    except Exception:  # noqa: BLE001
-        return uuid.uuid4().hex
-
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
@@ -172,7 +64,7 @@ class Ingress:
     ):
         self.base, self.upscaler, self.refine, self.progress = base, upscaler, refine, progress
         self.limits = limits
-        os.environ[_MAX_BODY_ENV] = str(limits.max_input_bytes * 4 // 3 + 1024 * 1024)  # base64 + other fields
+        os.environ[MAX_BODY_ENV] = str(limits.max_input_bytes * 4 // 3 + 1024 * 1024)  # base64 + other fields
         self.upscaler_names, self.face_names = upscaler_names, face_names
         self._infos: dict[str, dict] | None = None
         self._infos_at = 0.0
@@ -199,15 +91,15 @@ class Ingress:
             raise BadRequest("hires_steps", f"{req.hires_steps} exceeds this deployment's limit of {lim.max_steps}")
 
     # --- routes ---
-    @api.post("/generate", response_model=ImageResponse, responses=_BINARY_DOC)
+    @api.post("/generate", response_model=ImageResponse, responses=BINARY_DOC)
     async def generate(self, req: GenerateRequest, request: Request) -> Response:
         self._check_models(req.upscaler, req.face_model)
         self._check_generate_limits(req)
-        binary = _binary_format(request, req.output_format)
+        binary = binary_format(request, req.output_format)
         if binary and req.num_images > 1:
             raise BadRequest("num_images", "an image/* answer holds one image: ask for application/json to get"
                              f" {req.num_images}, or set num_images to 1", 406)
-        rid, t0 = _request_id(request), time.perf_counter()
+        rid, t0 = request_id(request), time.perf_counter()
         return await self._generate(
             req, rid, lambda batch: self._respond(batch, binary or req.output_format, t0, rid, binary is not None))
 
@@ -220,7 +112,7 @@ class Ingress:
             raise BadRequest(exc.field, exc.message)
         self._check_models(req.upscaler, req.face_model)
         self._check_generate_limits(req)
-        rid, t0 = _request_id(request), time.perf_counter()
+        rid, t0 = request_id(request), time.perf_counter()
 
         async def respond(batch: ImageBatch) -> Response:
             ours, _ = await self._encode(batch, "png", t0, rid, binary=False)
@@ -281,11 +173,11 @@ class Ingress:
         except Exception:  # noqa: BLE001
             log.warning("progress end not recorded for %s", rid, exc_info=True)
 
-    @api.post("/upscale", response_model=ImageResponse, responses=_BINARY_DOC)
+    @api.post("/upscale", response_model=ImageResponse, responses=BINARY_DOC)
     async def upscale(self, req: UpscaleRequest, request: Request) -> Response:
         t0 = time.perf_counter()
         batch = await self._upscale(req, t0)
-        binary = _binary_format(request, req.output_format)
+        binary = binary_format(request, req.output_format)
         return await self._respond(batch, binary or req.output_format, t0, binary=binary is not None)
 
     @api.post("/sdapi/v1/extra-single-image", response_model=ExtrasResponse)

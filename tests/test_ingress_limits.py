@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.ingress import BadRequest, Ingress, Limits
+from deployments.http import BadRequest
+from deployments.ingress import Ingress, Limits
 from hiresfix.schemas import GenerateRequest
 
 check = Ingress.func_or_class._check_generate_limits
