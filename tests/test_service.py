@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -519,6 +520,34 @@ def test_cli_generate_and_upscale(service, tmp_path):
     assert Image.open(up).size == (192, 192) and Image.open(up).format == "WEBP"
     p = subprocess.run([*cli, "generate", "x", "--url", service.url, "--width", "100"], capture_output=True, text=True)
     assert p.returncode != 0 and "width" in p.stderr and "multiple of 8" in p.stderr
+
+
+def test_cli_shows_progress_on_a_terminal(service, tmp_path):
+    """On a terminal, `hiresfix generate` follows its own request at GET /progress while it waits."""
+    import os
+    import pty
+
+    out = tmp_path / "p.png"
+    parent, child = pty.openpty()  # stderr is a terminal; stdout a pipe
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hiresfix.cli", "generate", "a harbour", "--url", service.url, "-o", str(out),
+         "--width", "256", "--height", "256", "--num-inference-steps", "30", "--seed", "3"],
+        stdout=subprocess.PIPE, stderr=child, text=True)
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=300)
+    os.close(parent)
+    assert proc.returncode == 0 and Image.open(out).size == (256, 256)
+    lines = seen.decode(errors="replace")
+    assert re.search(r"base \d+/30 \| +\d+% \| [\d.]+ s", lines), lines[-500:]
 
 
 def test_cli_compare_writes_a_labelled_sheet(service, tmp_path):
