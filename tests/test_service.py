@@ -531,7 +531,7 @@ def test_cli_shows_progress_on_a_terminal(service, tmp_path):
     parent, child = pty.openpty()  # stderr is a terminal; stdout a pipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "hiresfix.cli", "generate", "a harbour", "--url", service.url, "-o", str(out),
-         "--width", "256", "--height", "256", "--num-inference-steps", "30", "--seed", "3"],
+         "--width", "256", "--height", "256", "--num-inference-steps", "50", "--seed", "3"],
         stdout=subprocess.PIPE, stderr=child, text=True)
     os.close(child)
     seen = b""
@@ -547,7 +547,7 @@ def test_cli_shows_progress_on_a_terminal(service, tmp_path):
     os.close(parent)
     assert proc.returncode == 0 and Image.open(out).size == (256, 256)
     lines = seen.decode(errors="replace")
-    assert re.search(r"base \d+/30 \| +\d+% \| [\d.]+ s", lines), lines[-500:]
+    assert re.search(r"base \d+/50 \| +\d+% \| [\d.]+ s", lines), lines[-500:]
 
 
 def test_cli_compare_writes_a_labelled_sheet(service, tmp_path):
