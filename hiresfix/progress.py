@@ -15,13 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from hiresfix.schedule import hires_steps_run
 from hiresfix.schemas import GenerateRequest, ProgressInfo
 
 STAGE_ORDER = ("base", "finish", "upscale", "hires", "face")
 
 
 def generate_plan(req: GenerateRequest) -> dict[str, int]:
-    """Steps each stage of `req` runs, in order (the documented step rules of GenerateRequest)."""
+    """Steps each stage of `req` runs, in order."""
     n = req.num_inference_steps
     plan: dict[str, int] = {}
     if req.refiner_switch_at is not None:  # ensemble of experts: the base stops at the switch point
@@ -31,8 +32,7 @@ def generate_plan(req: GenerateRequest) -> dict[str, int]:
         plan["base"] = n
     if req.hires_fix:
         plan["upscale"] = 1
-        s = req.denoising_strength
-        plan["hires"] = min(req.hires_steps, int(1000 * s)) if req.hires_steps else max(1, int(n * s))
+        plan["hires"] = hires_steps_run(n, req.hires_steps, req.denoising_strength)
     if req.use_face_restoration:
         plan["face"] = 1
     return plan

@@ -127,7 +127,7 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
         if d.get(side) and v < d[side]:
             raise ValueError(f"the hires fix enlarges: {v} is below the base {side} {d[side]}")
         if side == "height" and d.get("hires_width") and d.get("width") and d.get("height"):
-            follow = _snap8(d["hires_width"] * d["height"] / d["width"])
+            follow = resize_to(d["width"], d["height"], d["hires_width"], 0)[1]
             if abs(follow - v) > 8:
                 raise ValueError(
                     f"{d['hires_width']}x{v} changes the aspect ratio of {d['width']}x{d['height']}:"
@@ -139,15 +139,19 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
     def output_size(self) -> tuple[int, int]:
         if not self.hires_fix:
             return self.width, self.height
-        if self.hires_width or self.hires_height:  # A1111 "resize to": the unset side follows
-            return (self.hires_width or _snap8(self.hires_height * self.width / self.height),
-                    self.hires_height or _snap8(self.hires_width * self.height / self.width))
+        if self.hires_width or self.hires_height:
+            return resize_to(self.width, self.height, self.hires_width, self.hires_height)
         return hires_size(self.width, self.height, self.hires_scale)
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """Target size of an upscale: rounded, then snapped to a multiple of 8 (latent grid)."""
     return _snap8(width * scale), _snap8(height * scale)
+
+
+def resize_to(width: int, height: int, to_width: int, to_height: int) -> tuple[int, int]:
+    """A1111's "resize to": a side left 0 follows the aspect ratio (snapped to 8)."""
+    return (to_width or _snap8(to_height * width / height), to_height or _snap8(to_width * height / width))
 
 
 def _snap8(v: float) -> int:

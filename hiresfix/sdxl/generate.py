@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import secrets
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Callable
 import torch
 
 from hiresfix.images import Picture
+from hiresfix.schedule import hires_schedule_length
 from hiresfix.schemas import SEED_MAX, GenerateRequest
 from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.stages import ImageBatch
@@ -192,22 +192,6 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str, guidance_scale: float
         "negative_prompt_embeds": npe if cfg else None,
         "negative_pooled_prompt_embeds": npooled if cfg else None,
     }
-
-
-def hires_schedule_length(steps: int, hires_steps: int, strength: float, max_steps: int = 1000) -> int:
-    """num_inference_steps for img2img. diffusers (like A1111) runs int(n * strength) of n steps:
-    hires_steps == 0 keeps the base step count, so int(steps * strength) steps run; otherwise the
-    shortest n that runs exactly hires_steps. At least one step always runs."""
-    if not hires_steps and int(steps * strength) >= 1:
-        return steps
-    target = hires_steps or 1
-    n = max(target, math.ceil(target / strength))
-    while n > target and int((n - 1) * strength) >= target:  # float slack in target / strength
-        n -= 1
-    while int(n * strength) < target:
-        n += 1
-    # The schedule cannot be finer than the training schedule; at tiny strengths fewer steps run.
-    return min(n, max_steps)
 
 
 def _batch_seeds(batch: ImageBatch, n: int) -> list[int]:

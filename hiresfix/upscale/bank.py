@@ -214,8 +214,7 @@ class UpscalerBank:
 
     def _native_pixels(self, entry: _Entry, job: UpscaleJob) -> float:
         s = entry.runner.caps.scale ** _passes(job, entry.runner.caps.scale, self.settings.beyond_native)
-        a = job.picture.alpha
-        planes = 2 if a is not None and float(a.min()) != float(a.max()) else 1
+        planes = 2 if _alpha_varies(job.picture) else 1
         return job.picture.width * job.picture.height * s * s * planes
 
     def _job_model(self, job: UpscaleJob) -> str | None:
@@ -272,9 +271,8 @@ class UpscalerBank:
         passes = [_passes(j, caps.scale, s.beyond_native) for j in jobs]
         for i, job in enumerate(jobs):
             planes.append((i, "rgb", _chw(job.picture.rgb)))
-            a = job.picture.alpha
-            if a is not None and float(a.min()) != float(a.max()):
-                planes.append((i, "alpha", _chw(np.repeat(a[..., None], 3, axis=2))))
+            if _alpha_varies(job.picture):
+                planes.append((i, "alpha", _chw(np.repeat(job.picture.alpha[..., None], 3, axis=2))))
         done: dict[tuple[int, str], Any] = {}
         with torch.inference_mode():
             for p in range(max(passes)):
@@ -383,6 +381,12 @@ def _passes(job: UpscaleJob, scale: int, beyond_native: str) -> int:
     if beyond_native != "repeat" or scale < 2 or need <= scale:
         return 1
     return math.ceil(math.log(need) / math.log(scale) - 1e-9)
+
+
+def _alpha_varies(pic: Picture) -> bool:
+    """Opaque (or any constant) alpha needs no model pass: it is filled in at the end."""
+    a = pic.alpha
+    return a is not None and float(a.min()) != float(a.max())
 
 
 def _chw(a: np.ndarray):
