@@ -55,10 +55,14 @@ def _bench(restorer, picture, runs: int, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenCV threads on CPU")
-    ap.add_argument("--weights", type=Path, default=None, help="a real face model file instead of random GFPGAN")
+    ap.add_argument(
+        "--weights", type=Path, default=None, help="a real face model file instead of random GFPGAN"
+    )
     ap.add_argument("--cpu-only", action="store_true")
     args = ap.parse_args(argv)
 
@@ -93,10 +97,16 @@ def main(argv=None) -> int:
                 continue
             info = r.models_info()[0]
             res = _bench(r, picture, args.runs, device)
-            name = torch.cuda.get_device_name() if device == "cuda" else f"CPU x{args.threads} thread(s)"
+            name = (
+                torch.cuda.get_device_name()
+                if device == "cuda"
+                else f"CPU x{args.threads} thread(s)"
+            )
             print(
-                f"{device} ({name}, {info.architecture} {info.dtype}), seconds per face, median of {args.runs}:"
-                f" detect {res['detect']:.3f} | align {res['align']:.4f} | forward {res['forward']:.3f}"
+                f"{device} ({name}, {info.architecture} {info.dtype}), seconds per face,"
+                f" median of {args.runs}:"
+                f" detect {res['detect']:.3f} | align {res['align']:.4f}"
+                f" | forward {res['forward']:.3f}"
                 f" | paste {res['paste']:.4f} | total {res['total']:.3f}"
                 f" (process CPU {res['process_cpu']:.2f}) | load {load:.1f}"
             )

@@ -39,7 +39,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from hiresfix.images import Picture  # noqa: E402
+from hiresfix.runtime import PRECISIONS, torch_dtype  # noqa: E402
 from hiresfix.schemas import GenerateRequest  # noqa: E402
 from hiresfix.sdxl import BaseStage, RefineStage  # noqa: E402
 from hiresfix.sdxl.tiny import SDXL_SCHEDULER, clip_tokenizer, tiny_sdxl_pipeline  # noqa: E402
@@ -84,24 +84,45 @@ SDXL_VAE = dict(
     force_upcast=False,
 )
 CLIP_L = dict(  # openai/clip-vit-large-patch14 text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    projection_dim=768, layer_norm_eps=1e-5,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
 )
 CLIP_BIGG = dict(  # laion/CLIP-ViT-bigG-14-laion2B-39B-b160k text tower
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-    projection_dim=1280, layer_norm_eps=1e-5,
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    layer_norm_eps=1e-5,
 )
 # Parameter counts of the published weights: a typo in the configs above changes them.
-PUBLISHED_PARAMS = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
-                    "text_encoder_2": 694_659_840}
+PUBLISHED_PARAMS = {
+    "unet": 2_567_463_684,
+    "vae": 83_653_863,
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 694_659_840,
+}
 
 
-def full_size_sdxl(device: str, dtype: torch.dtype, stock_vae: bool = False) -> StableDiffusionXLPipeline:
+def full_size_sdxl(
+    device: str, dtype: torch.dtype, stock_vae: bool = False
+) -> StableDiffusionXLPipeline:
     tokenizer = clip_tokenizer(tempfile.mkdtemp(prefix="sdxl-tok-"))  # small vocab; ids fit 49408
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialise straight on the GPU: seconds, not minutes
         unet = UNet2DConditionModel(**SDXL_UNET)
@@ -109,8 +130,13 @@ def full_size_sdxl(device: str, dtype: torch.dtype, stock_vae: bool = False) -> 
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG, **ids))
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
     )
     for name, want in PUBLISHED_PARAMS.items():
         got = sum(p.numel() for p in getattr(pipe, name).parameters())
@@ -131,23 +157,38 @@ class Upscale:
         self.use_neural = not lanczos
         path = Path(weights).resolve() if weights else None
         if path is None and self.use_neural:
-            from random_nets import save_random_x2plus  # bench/ is on sys.path as the script's folder
+            from random_nets import (
+                save_random_x2plus,  # bench/ is on sys.path as the script's folder
+            )
 
             path = save_random_x2plus(Path(tempfile.mkdtemp(prefix="x2plus-")))
         models = [UpscalerModelSpec(name=path.stem, file=path.name)] if path else []
-        self.bank = UpscalerBank.from_settings(UpscalerSettings(
-            weights_dir=str(path.parent) if path else "weights", device="cuda" if device.startswith("cuda")
-            else "cpu", dtype=dtype, tile_size=tile, models=models))
+        self.bank = UpscalerBank.from_settings(
+            UpscalerSettings(
+                weights_dir=str(path.parent) if path else "weights",
+                device="cuda" if device.startswith("cuda") else "cpu",
+                dtype=dtype,
+                tile_size=tile,
+                models=models,
+            )
+        )
         info = self.bank.models_info()
         if self.use_neural and not info[0].available:
             raise SystemExit(f"upscaler not loaded: {info[0].reason}: {info[0].detail}")
-        self.name = f"{info[0].name}, {info[0].dtype}, tile {tile}" if self.use_neural else "lanczos"
+        self.name = (
+            f"{info[0].name}, {info[0].dtype}, tile {tile}" if self.use_neural else "lanczos"
+        )
 
     def __call__(self, batch, size: tuple[int, int]):
-        outs = self.bank.upscale(batch.pictures, 0, use_neural=self.use_neural,
-                                 target_sizes=[size] * len(batch.pictures))
-        assert all(o.upscaler_used != "lanczos" for o in outs) or not self.use_neural, outs[0].fallback_detail
-        return dataclasses.replace(batch, pictures=[o.picture for o in outs], timings=dict(batch.timings))
+        outs = self.bank.upscale(
+            batch.pictures, 0, use_neural=self.use_neural, target_sizes=[size] * len(batch.pictures)
+        )
+        assert all(o.upscaler_used != "lanczos" for o in outs) or not self.use_neural, outs[
+            0
+        ].fallback_detail
+        return dataclasses.replace(
+            batch, pictures=[o.picture for o in outs], timings=dict(batch.timings)
+        )
 
 
 def sync(device: str) -> None:
@@ -161,7 +202,9 @@ def peak_gib(device: str) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
 
 
-def hires_fix(base: BaseStage, refine: RefineStage, upscale: Upscale, req: GenerateRequest, device: str) -> dict:
+def hires_fix(
+    base: BaseStage, refine: RefineStage, upscale: Upscale, req: GenerateRequest, device: str
+) -> dict:
     t = {}
     sync(device)
     t0 = time.perf_counter()
@@ -180,30 +223,46 @@ def hires_fix(base: BaseStage, refine: RefineStage, upscale: Upscale, req: Gener
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--dtype", default="fp16", choices=PRECISIONS)
     ap.add_argument("--size", type=int, default=768, help="base width = height")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--scale", type=float, default=2.0)
     ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--scheduler", default="euler")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--upscaler-weights", help="a RealESRGAN file; default a random x2plus-shaped net")
-    ap.add_argument("--upscale-tile", type=int, default=800, help="upscaler tile_size (serve_config.yaml, x2plus)")
+    ap.add_argument(
+        "--upscaler-weights", help="a RealESRGAN file; default a random x2plus-shaped net"
+    )
+    ap.add_argument(
+        "--upscale-tile",
+        type=int,
+        default=800,
+        help="upscaler tile_size (serve_config.yaml, x2plus)",
+    )
     ap.add_argument("--lanczos", action="store_true", help="upscale with LANCZOS instead")
     ap.add_argument("--stock-vae", action="store_true", help="force_upcast VAE (decode in fp32)")
     ap.add_argument("--no-vae-tiling", action="store_true")
     ap.add_argument("--variants", action="store_true", help="then also with VAE tiling off")
-    ap.add_argument("--compile", action="store_true",
-                    help="then also with torch.compile(unet); compiling both sizes took > 4 min on an H200")
-    ap.add_argument("--tiny", action="store_true", help="the tiny SDXL instead (smoke-test this script)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="then also with torch.compile(unet); compiling both sizes took > 4 min on an H200",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="the tiny SDXL instead (smoke-test this script)"
+    )
     args = ap.parse_args()
 
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("no CUDA device: this benchmark needs a GPU (or --tiny --device cpu for a smoke test)")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        sys.exit(
+            "no CUDA device: this benchmark needs a GPU (or --tiny --device cpu for a smoke test)"
+        )
+    dtype = torch_dtype(args.dtype)
 
     t0 = time.perf_counter()
     if args.tiny:
@@ -220,18 +279,34 @@ def main() -> None:
         torch.cuda.empty_cache()  # drop the float32 construction buffers from the reserved figure
     upscale = Upscale(args.upscaler_weights, device, args.dtype, args.lanczos, args.upscale_tile)
     build_s = time.perf_counter() - t0
-    weights_gib = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
-                      pipe.text_encoder_2) for p in m.parameters()) / 2**30
+    weights_gib = (
+        sum(
+            p.numel() * p.element_size()
+            for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+            for p in m.parameters()
+        )
+        / 2**30
+    )
 
     req = GenerateRequest(
         prompt="a photo of an astronaut riding a horse on the moon, detailed, sharp",
-        negative_prompt="blurry, ugly", seed=1234, width=args.size, height=args.size,
-        num_inference_steps=args.steps, guidance_scale=7.0, scheduler=args.scheduler,
-        hires_fix=True, hires_scale=args.scale, denoising_strength=args.strength,
+        negative_prompt="blurry, ugly",
+        seed=1234,
+        width=args.size,
+        height=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=7.0,
+        scheduler=args.scheduler,
+        hires_fix=True,
+        hires_scale=args.scale,
+        denoising_strength=args.strength,
     )
     name = torch.cuda.get_device_name() if device.startswith("cuda") else device
-    print(f"{name}, {args.dtype}, {'tiny' if args.tiny else 'full-size'} SDXL with random weights"
-          f" ({weights_gib:.2f} GiB), built in {build_s:.1f} s; median of {args.repeats} runs per variant")
+    print(
+        f"{name}, {args.dtype}, {'tiny' if args.tiny else 'full-size'} SDXL with random weights"
+        f" ({weights_gib:.2f} GiB), built in {build_s:.1f} s;"
+        f" median of {args.repeats} runs per variant"
+    )
     # Variants of the same loaded model, in one process, so their ratios compare like with like.
     variants = [("as configured" + ("" if args.no_vae_tiling else " (VAE tiling on)"), None)]
     if args.variants and not args.no_vae_tiling:
@@ -243,9 +318,20 @@ def main() -> None:
         if change:
             change()
         results.append(measure(label, base, refine, upscale, req, args, device))
-    print(json.dumps({"device": name, "dtype": args.dtype, "tiny": args.tiny, "size": args.size,
-                      "steps": args.steps, "strength": args.strength, "upscaler": upscale.name,
-                      "variants": results}))
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "dtype": args.dtype,
+                "tiny": args.tiny,
+                "size": args.size,
+                "steps": args.steps,
+                "strength": args.strength,
+                "upscaler": upscale.name,
+                "variants": results,
+            }
+        )
+    )
 
 
 def measure(label: str, base, refine, upscale, req: GenerateRequest, args, device: str) -> dict:
@@ -262,17 +348,31 @@ def measure(label: str, base, refine, upscale, req: GenerateRequest, args, devic
     out_w, out_h = req.output_size()
     print(f"{label} (warm-up {warm_s:.1f} s):")
     rows = [
-        (f"base {args.size}x{args.size}, {args.steps} steps, {args.scheduler}", med["base"], args.steps),
+        (
+            f"base {args.size}x{args.size}, {args.steps} steps, {args.scheduler}",
+            med["base"],
+            args.steps,
+        ),
         (f"upscale to {out_w}x{out_h} ({upscale.name})", med["upscale"], 0),
-        (f"refine {out_w}x{out_h}, strength {args.strength}, {refine_steps} steps", med["refine"], refine_steps),
+        (
+            f"refine {out_w}x{out_h}, strength {args.strength}, {refine_steps} steps",
+            med["refine"],
+            refine_steps,
+        ),
         ("hires fix, total (goal < 5 s)", med["hires_fix"], 0),
     ]
     for row, seconds, steps in rows:
         rate = f"  {steps / seconds:6.2f} it/s (incl. text encoding and VAE)" if steps else ""
         print(f"  {row:<58} {seconds:8.2f} s{rate}")
     print(f"  peak VRAM while serving: {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved")
-    return {"variant": label, "warmup_s": round(warm_s, 1), "median_s": {k: round(v, 3) for k, v in med.items()},
-            "runs_s": runs, "peak_vram_gib": {"allocated": round(allocated, 2), "reserved": round(reserved, 2)}}
+    return {
+        "variant": label,
+        "warmup_s": round(warm_s, 1),
+        "median_s": {k: round(v, 3) for k, v in med.items()},
+        "runs_s": runs,
+        "peak_vram_gib": {"allocated": round(allocated, 2), "reserved": round(reserved, 2)},
+    }
+
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,10 @@
-"""GPU latency and peak VRAM of the upscaler: RealESRGAN_x2plus-shaped, 768 -> 1536 (prints figures).
+"""GPU latency and peak VRAM of the upscaler: RealESRGAN_x2plus-shaped, 768 -> 1536
+(prints figures).
 
 Two measurements of the same network on the same input, in one run:
   raw      one plain forward pass of the whole image (the floor any upscaler can reach);
-  product  hiresfix's UpscalerBank, as the upscaler deployment runs it: tiles, fp16 with the NaN/black
-           check, feathered blending, exact resize, float32 picture back in host memory.
+  product  hiresfix's UpscalerBank, as the upscaler deployment runs it: tiles, fp16 with the
+           NaN/black check, feathered blending, exact resize, float32 picture back in host memory.
 The ratio product/raw is the cost of tiling and of the safety checks.
 
 The net has RealESRGAN_x2plus's shape with RANDOM weights (speed and memory depend on the shape, not
@@ -29,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from random_nets import save_random_x2plus  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
+from hiresfix.runtime import PRECISIONS, torch_dtype  # noqa: E402
+
 DEVICE = "cuda"  # a module constant so a CPU dry run of this script can swap it
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _raw(path: Path, args) -> dict:
@@ -38,7 +40,7 @@ def _raw(path: Path, args) -> dict:
     import spandrel
 
     desc = spandrel.ModelLoader().load_from_file(str(path))
-    dtype, dev = DTYPES[args.dtype], torch.device(DEVICE)
+    dtype, dev = torch_dtype(args.dtype), torch.device(DEVICE)
     model = desc.model.eval().to(dev, dtype)
     x = torch.rand(1, 3, args.size, args.size, device=dev, dtype=dtype)
     with torch.inference_mode():
@@ -57,8 +59,13 @@ def _raw(path: Path, args) -> dict:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         finite = bool(torch.isfinite(y).all())
-    out = {"desc": desc, "times": times, "peak": torch.cuda.max_memory_allocated(), "finite": finite,
-           "shape": tuple(y.shape)}
+    out = {
+        "desc": desc,
+        "times": times,
+        "peak": torch.cuda.max_memory_allocated(),
+        "finite": finite,
+        "shape": tuple(y.shape),
+    }
     del model, x, y
     torch.cuda.empty_cache()
     return out
@@ -73,9 +80,15 @@ def _product(path: Path, tile: int, args) -> dict:
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    bank = UpscalerBank.from_settings(UpscalerSettings(
-        weights_dir=str(path.parent), device=DEVICE, dtype=args.dtype, tile_size=tile,
-        models=[UpscalerModelSpec(name="m", file=path.name)]))
+    bank = UpscalerBank.from_settings(
+        UpscalerSettings(
+            weights_dir=str(path.parent),
+            device=DEVICE,
+            dtype=args.dtype,
+            tile_size=tile,
+            models=[UpscalerModelSpec(name="m", file=path.name)],
+        )
+    )
     info = bank.models_info()[0]
     if not info.available:
         raise SystemExit(f"{path.name}: not loaded: {info.reason}: {info.detail}")
@@ -92,22 +105,42 @@ def _product(path: Path, tile: int, args) -> dict:
         t0 = time.perf_counter()
         out = bank.upscale([pic], 2.0)[0]
         times.append(time.perf_counter() - t0)  # .picture is host memory: nothing left in flight
-    assert out.picture.size == target and out.upscaler_used == "m", (out.picture.size, out.upscaler_used)
-    res = {"times": times, "peak": torch.cuda.max_memory_allocated(), "redone": runner.redone_tiles,
-           "dtype": runner.dtype_name, "scale": runner.caps.scale}
+    assert out.picture.size == target and out.upscaler_used == "m", (
+        out.picture.size,
+        out.upscaler_used,
+    )
+    res = {
+        "times": times,
+        "peak": torch.cuda.max_memory_allocated(),
+        "redone": runner.redone_tiles,
+        "dtype": runner.dtype_name,
+        "scale": runner.caps.scale,
+    }
     del bank, runner
     torch.cuda.empty_cache()
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=768, help="input side in px (output is 2x)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    ap.add_argument("--tiles", default="512,1024", help="product tile_size values (serve_config.yaml: 512, x2plus 800)")
-    ap.add_argument("--weights", action="append", default=[], help="also a real .pth/.safetensors file")
-    ap.add_argument("--cudnn-benchmark", choices=["off", "on", "both"], default="off",
-                    help="torch.backends.cudnn.benchmark (the deployment leaves it off)")
+    ap.add_argument("--dtype", choices=PRECISIONS, default="fp16")
+    ap.add_argument(
+        "--tiles",
+        default="512,1024",
+        help="product tile_size values (serve_config.yaml: 512, x2plus 800)",
+    )
+    ap.add_argument(
+        "--weights", action="append", default=[], help="also a real .pth/.safetensors file"
+    )
+    ap.add_argument(
+        "--cudnn-benchmark",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torch.backends.cudnn.benchmark (the deployment leaves it off)",
+    )
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
@@ -115,13 +148,18 @@ def main() -> None:
         raise SystemExit("no CUDA GPU visible to torch: this benchmark needs one")
     import spandrel
 
-    print(f"device : {torch.cuda.get_device_name()}, torch {torch.__version__}, spandrel {spandrel.__version__}")
-    print(f"request: {args.size}x{args.size} -> {2 * args.size}x{2 * args.size}, {args.dtype};"
-          f" median of {args.runs} after {args.warmup} warm-ups; goal < 0.15 s and < 1.5 GB")
+    print(
+        f"device : {torch.cuda.get_device_name()}, torch {torch.__version__},"
+        f" spandrel {spandrel.__version__}"
+    )
+    print(
+        f"request: {args.size}x{args.size} -> {2 * args.size}x{2 * args.size}, {args.dtype};"
+        f" median of {args.runs} after {args.warmup} warm-ups; goal < 0.15 s and < 1.5 GB"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         files = [save_random_x2plus(Path(tmp))] + [Path(w).resolve() for w in args.weights]
         for path in files:
-            for mode in (["off", "on"] if args.cudnn_benchmark == "both" else [args.cudnn_benchmark]):
+            for mode in ["off", "on"] if args.cudnn_benchmark == "both" else [args.cudnn_benchmark]:
                 torch.backends.cudnn.benchmark = mode == "on"
                 print(f"cudnn.benchmark {mode}:")
                 _one_file(path, args)
@@ -134,16 +172,24 @@ def _one_file(path: Path, args) -> None:
     if path.name.startswith("RealESRGAN_x2plus"):
         assert desc.scale == 2 and desc.input_channels == 3, (desc.scale, desc.input_channels)
     raw_s = statistics.median(raw["times"])
-    print(f"{path.name}: {desc.architecture.name} x{desc.scale}"
-          f" ({sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M params)")
-    print(f"  raw forward, whole image      : {raw_s * 1e3:7.1f} ms, peak {raw['peak'] / 2**30:.2f} GiB"
-          f" allocated{'' if raw['finite'] else ' (output has NaN/inf: random weights overflow)'}")
+    print(
+        f"{path.name}: {desc.architecture.name} x{desc.scale}"
+        f" ({sum(p.numel() for p in desc.model.parameters()) / 1e6:.1f} M params)"
+    )
+    print(
+        f"  raw forward, whole image      : {raw_s * 1e3:7.1f} ms,"
+        f" peak {raw['peak'] / 2**30:.2f} GiB"
+        f" allocated{'' if raw['finite'] else ' (output has NaN/inf: random weights overflow)'}"
+    )
     for tile in [int(t) for t in args.tiles.split(",")]:
         prod = _product(path, tile, args)
         s = statistics.median(prod["times"])
-        print(f"  product, tile_size {tile:<5}     : {s * 1e3:7.1f} ms, peak {prod['peak'] / 2**30:.2f} GiB"
-              f" allocated; {s / raw_s:.2f}x the raw time; {prod['dtype']},"
-              f" {prod['redone']} tile(s) redone in fp32")
+        print(
+            f"  product, tile_size {tile:<5}     : {s * 1e3:7.1f} ms,"
+            f" peak {prod['peak'] / 2**30:.2f} GiB"
+            f" allocated; {s / raw_s:.2f}x the raw time; {prod['dtype']},"
+            f" {prod['redone']} tile(s) redone in fp32"
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--weights", default=str(REPO.parent / "shared" / "weights"))
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--scale", type=float, default=2.0)
@@ -81,17 +83,23 @@ def main() -> None:
                 codec.append(tm.get("decode", 0) + tm.get("encode", 0))
                 server.append(tm["total"])
                 stage.append(tm["upscale"])
-                assert r.json()["upscaler_used"] == "realesr-animevideov3", r.json()["fallback_detail"]
+                assert r.json()["upscaler_used"] == "realesr-animevideov3", r.json()[
+                    "fallback_detail"
+                ]
             # The same request answered with the PNG itself (Accept: image/png): no base64, no JSON.
             bin_http, bin_hops = [], []
             for _ in range(ns.runs):
                 t = time.perf_counter()
-                r = httpx.post(app.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=600)
+                r = httpx.post(
+                    app.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=600
+                )
                 wall = time.perf_counter() - t
                 r.raise_for_status()
                 tm = json.loads(r.headers["x-hiresfix-meta"])["timings"]
                 bin_http.append(wall - tm["total"])
-                bin_hops.append(tm["total"] - tm["upscale"] - tm.get("decode", 0) - tm.get("encode", 0))
+                bin_hops.append(
+                    tm["total"] - tm["upscale"] - tm.get("decode", 0) - tm.get("encode", 0)
+                )
         finally:
             app.stop()
 
@@ -99,7 +107,10 @@ def main() -> None:
     over = med(svc) - med(inproc)
     print(f"image {ns.size}px x{ns.scale}, {ns.runs} runs, median seconds")
     print(f"  in-process upscale            {med(inproc):8.3f}")
-    print(f"  service: upscale stage        {med(stage):8.3f}   (replica's own time for the same work)")
+    print(
+        f"  service: upscale stage        {med(stage):8.3f}"
+        "   (replica's own time for the same work)"
+    )
     print(f"  service: client round trip    {med(svc):8.3f}")
     print(f"  overhead vs in-process        {over * 1000:8.1f} ms")
     print(f"    image decode+encode         {med(codec) * 1000:8.1f} ms")
@@ -107,12 +118,18 @@ def main() -> None:
     http = [c - t for c, t in zip(svc, server)]
     print(f"    Ray hops (server total - stage - codec)    {med(hops) * 1000:8.1f} ms")
     print(f"    HTTP + JSON/base64 (client - server total) {med(http) * 1000:8.1f} ms")
-    print(f"  serving overhead (hops + HTTP), the target   {med([h + x for h, x in zip(hops, http)]) * 1000:8.1f} ms")
+    print(
+        "  serving overhead (hops + HTTP), the target   "
+        f"{med([h + x for h, x in zip(hops, http)]) * 1000:8.1f} ms"
+    )
     print(f"  ratio service/in-process      {med(svc) / med(inproc):8.3f}")
     print("  the same, answered with the PNG itself (Accept: image/png):")
     print(f"    Ray hops                                   {med(bin_hops) * 1000:8.1f} ms")
     print(f"    HTTP (client - server total)               {med(bin_http) * 1000:8.1f} ms")
-    print(f"  serving overhead, image/png answer           {med([h + x for h, x in zip(bin_hops, bin_http)]) * 1000:8.1f} ms")
+    print(
+        "  serving overhead, image/png answer           "
+        f"{med([h + x for h, x in zip(bin_hops, bin_http)]) * 1000:8.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("hiresfix.serve")
@@ -21,8 +22,11 @@ class RequestCancelled(Exception):
     """Raised inside the worker thread at the next step after the request was cancelled."""
 
 
-async def run_cancellable(work: Callable[[Callable[[int, int], None]], T], what: str,
-                          progress: Callable[[int], None] | None = None) -> T:
+async def run_cancellable(
+    work: Callable[[Callable[[int, int], None]], T],
+    what: str,
+    progress: Callable[[int], None] | None = None,
+) -> T:
     """`progress(steps_done)` is called from the worker thread after each step."""
     stop = threading.Event()
     steps = [0]
@@ -41,5 +45,7 @@ async def run_cancellable(work: Callable[[Callable[[int, int], None]], T], what:
         stop.set()
         # Keep the replica slot until the thread has really stopped (at most one step away).
         await asyncio.wait([task])
-        log.warning("%s cancelled by the client or its timeout; stopped after step %d", what, steps[0])
+        log.warning(
+            "%s cancelled by the client or its timeout; stopped after step %d", what, steps[0]
+        )
         raise

@@ -10,11 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from deployments.base import SDXLBase
-from deployments.ingress import Ingress, Limits
+from deployments.guard import HttpSettings
+from deployments.ingress import HealthSettings, Ingress
 from deployments.progress import Progress
 from deployments.refine import RefineFace
 from deployments.upscaler import Upscaler
 from hiresfix.face import FaceSettings
+from hiresfix.limits import Limits
+from hiresfix.progress import ProgressSettings
 from hiresfix.sdxl import SDXLSettings
 from hiresfix.upscale import UpscalerSettings
 
@@ -25,21 +28,33 @@ class AppArgs(BaseModel):
     upscaler: UpscalerSettings = Field(default_factory=UpscalerSettings)
     face: FaceSettings = Field(default_factory=FaceSettings)
     limits: Limits = Field(default_factory=Limits)
+    progress: ProgressSettings = Field(default_factory=ProgressSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
 
 def build_app(args: dict) -> Application:
     cfg = AppArgs.model_validate(args or {})
     sdxl = cfg.sdxl.model_dump()
-    progress = Progress.bind()  # GET /progress: every stage reports its steps here
-    base = SDXLBase.bind(sdxl, progress)
-    upscaler = Upscaler.bind(cfg.upscaler.model_dump(), progress)
-    refine = RefineFace.bind(sdxl, cfg.face.model_dump(), progress)
+    every = cfg.progress.report_interval_s
+    # Every stage reports its steps to one progress board (GET /progress).
+    progress = Progress.bind(settings=cfg.progress)
+    base = SDXLBase.bind(settings=sdxl, progress=progress, report_interval_s=every)
+    upscaler = Upscaler.bind(
+        settings=cfg.upscaler.model_dump(), progress=progress, report_interval_s=every
+    )
+    refine = RefineFace.bind(
+        sdxl=sdxl, face=cfg.face.model_dump(), progress=progress, report_interval_s=every
+    )
     return Ingress.bind(
-        base,
-        upscaler,
-        refine,
-        progress,
-        cfg.limits,
-        [m.name for m in cfg.upscaler.models],
-        [m.name for m in cfg.face.models],
+        base=base,
+        upscaler=upscaler,
+        refine=refine,
+        progress=progress,
+        limits=cfg.limits,
+        progress_settings=cfg.progress,
+        health=cfg.health,
+        http=cfg.http,
+        upscaler_names=[m.name for m in cfg.upscaler.models],
+        face_names=[m.name for m in cfg.face.models],
     )

@@ -3,16 +3,28 @@ guard, image/* answers and request ids. Routes and the stage chain live in deplo
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time.
+import json
 import logging
-import os
+import math
 import re
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray.exceptions import ActorUnavailableError, NodeDiedError, RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.guard import Guard, guard_settings
 from hiresfix import __version__
+from hiresfix.openai_api import is_openai_path, openai_error
+from hiresfix.schemas import ErrorResponse, FieldError, ImageResponse, RequestError
 
 log = logging.getLogger("hiresfix.ingress")
 
@@ -23,75 +35,196 @@ api = FastAPI(
 )
 
 
-class BadRequest(Exception):
-    def __init__(self, field: str, message: str, status: int = 422):
-        self.field, self.message, self.status = field, message, status
+def error_body(
+    field: str, message: str, request_id: str | None = None, summary: str | None = None
+) -> dict:
+    return ErrorResponse.of(field, message, request_id, summary).model_dump()
 
 
-def _field_errors(errors) -> list[dict]:
-    out = []
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        out.append({"field": ".".join(loc) or "body", "message": e.get("msg", ""), "type": e.get("type")})
-    return out
+def error_shape_for(
+    request: Request,
+    status: int,
+    field: str,
+    message: str,
+    *,
+    summary: str | None = None,
+    details: list[FieldError] | None = None,
+    headers: dict | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """Every error answer, in the shape its path's clients read: OpenAI's under /v1/
+    (hiresfix/openai_api.py: a 422 is OpenAI's 400 there), ErrorResponse everywhere else."""
+    rid = _rid(request)
+    if is_openai_path(request.scope.get("path", ""), request.scope.get("root_path", "")):
+        if details and len(details) > 1:
+            message = "; ".join(f"{d.field}: {d.message}" for d in details)
+        status, body = openai_error(status, field, message, code)
+        headers = {**(headers or {}), **({"x-request-id": rid} if rid else {})}
+    else:
+        body = ErrorResponse(
+            error=summary or f"{field}: {message}",
+            detail=details or [FieldError(field=field, message=message)],
+            request_id=rid,
+        ).model_dump()
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    details = _field_errors(exc.errors())
-    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return JSONResponse(status_code=422, content={"error": f"invalid request: {summary}", "detail": details})
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", character offset): not a field
+            why = (e.get("ctx") or {}).get("error", "")
+            pos = e["loc"][-1] if e.get("loc") else "?"
+            details.append(FieldError(field="body", message=f"not valid JSON: {why} at {pos}"))
+            continue
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        message = e.get("msg", "")
+        if not loc and e.get("type") == "model_attributes_type" and not _json_type(request):
+            # FastAPI reads a body as JSON only when it is declared so: say that, not "dict".
+            sent = request.headers.get("content-type") or "no Content-Type"
+            message = f"send a JSON object with Content-Type: application/json (got {sent})"
+        details.append(FieldError(field=".".join(loc) or "body", message=message))
+    summary = "; ".join(f"{d.field}: {d.message}" for d in details)
+    first = details[0] if details else FieldError(field="body", message="invalid request")
+    return error_shape_for(
+        request,
+        422,
+        first.field,
+        first.message,
+        summary=f"invalid request: {summary}",
+        details=details,
+    )
 
 
-@api.exception_handler(BadRequest)
-async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-    detail = [{"field": exc.field, "message": exc.message}]
-    return JSONResponse(status_code=exc.status, content={"error": f"{exc.field}: {exc.message}", "detail": detail})
+def _json_type(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    main, _, sub = kind.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    headers = None
+    if exc.status in (429, 503):  # nothing wrong with the request: the same one later will do
+        wait = max(1, math.ceil(exc.retry_after_s or guard_settings().retry_after_s))
+        headers = {"retry-after": str(wait), "x-should-retry": "true"}
+    return error_shape_for(
+        request,
+        exc.status,
+        exc.field,
+        exc.message,
+        headers=headers,
+        code=getattr(exc, "code", None),
+    )
+
+
+# Starlette's own refusals (no route 404, wrong method 405, a body FastAPI cannot parse 400: not
+# UTF-8, nested too deep, an integer beyond Python's digit limit) in our shape, not {"detail": str}.
+_HTTP_FIELDS = {404: "path", 405: "method"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    field = _HTTP_FIELDS.get(exc.status_code, "body")
+    message = exc.detail if isinstance(exc.detail, str) else "the request was refused"
+    if exc.status_code == 400 and field == "body":
+        message = "the body could not be parsed: send a UTF-8 JSON object"
+    return error_shape_for(
+        request, exc.status_code, field, message, summary=message, headers=exc.headers
+    )
+
+
+# Failures a retry can fix: a full queue somewhere in the graph, or a stage replica (or its node)
+# that died or is restarting. Answered 503 with Retry-After, like the proxy's own backpressure.
+# STAGE_GONE is the replica-or-node part: an optional stage falls back instead
+# (deployments/ingress.py).
+STAGE_GONE = (
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RayActorError,
+    ActorUnavailableError,
+    NodeDiedError,
+)
+RETRYABLE = (BackPressureError, *STAGE_GONE)
+
+
+def unavailable(exc: BaseException) -> RequestError:
+    """The 503 a retryable failure answers. The ingress raises it itself: Serve installs its own
+    plain-text handlers for BackPressureError and DeploymentUnavailableError on the app at replica
+    start, over any of ours."""
+    return RequestError(
+        "body",
+        "the service is at capacity or a stage is restarting",
+        503,
+        getattr(exc, "retry_after_s", None),
+    )
+
+
+async def _retryable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("request %s: a stage is unavailable or full: %s", _rid(request), exc)
+    return await _request_error(request, unavailable(exc))
+
+
+# A backstop for Ray errors raised outside the stage chain. Registered per class, not under
+# Exception: Starlette re-raises whatever reaches its catch-all handler after answering.
+for _cls in RETRYABLE:
+    api.add_exception_handler(_cls, _retryable)
 
 
 @api.exception_handler(Exception)
-async def _stage_failed(_: Request, exc: Exception) -> JSONResponse:
-    # A full queue never gets here: Serve answers 503 with Retry-After itself (backpressure_config).
-    log.exception("request failed")
-    return JSONResponse(status_code=500, content={"error": f"generation failed: {exc.__class__.__name__}", "detail": str(exc)[-1000:]})
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    # The detail goes to the log under the request id, never to the client (no exception names,
+    # traces or paths); SDK clients are told not to retry.
+    rid = _rid(request)
+    log.error("request %s failed", rid, exc_info=exc)
+    return error_shape_for(
+        request,
+        500,
+        "body",
+        f"the service failed on this request; its log holds the detail under request id {rid}",
+        summary="internal error",
+        headers={"x-should-retry": "false"},
+    )
 
 
-# Set by Ingress.__init__ from the profile's limits. An environment variable, not a module global:
-# Serve ships the FastAPI app (and this middleware) to the replica by value, so the middleware's
-# module globals are not the ones the Ingress class sees; the process environment is shared.
-MAX_BODY_ENV = "HIRESFIX_MAX_BODY_BYTES"
+api.add_middleware(Guard)  # API keys, body size, admission: before any body is read
 
-
-class _BodySizeLimit:
-    """Refuse an oversized body from its Content-Length, before it is read and parsed: a huge JSON
-    body would otherwise sit in the ingress several times over (and could take the replica down).
-    Plain ASGI, not @app.middleware, which would wrap every response body in an extra stream."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            limit = int(os.environ.get(MAX_BODY_ENV, "0"))
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if limit and length.isdigit() and int(length) > limit:
-                response = JSONResponse(status_code=413, content={
-                    "error": "request body too large",
-                    "detail": [{"field": "body", "message": f"{int(length)} bytes; this deployment accepts at most"
-                                f" {limit} (an image of up to max_input_bytes, base64-encoded, plus the other fields)"}]})
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-api.add_middleware(_BodySizeLimit)
-
-# `Accept: image/png` (or jpeg, webp, image/*): the answer is the file itself, its metadata in headers.
+# `Accept: image/png` (or jpeg, webp, image/*): the answer is the file itself, its metadata in
+# headers.
 # No base64 (a third smaller) and no JSON to parse: what curl users and scripts want.
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
-BINARY_DOC = {200: {"content": {t: {} for t in IMAGE_TYPES}, "description": (
-    "With `Accept: image/png|image/jpeg|image/webp|image/*`: the image file itself (one image), and"
-    " the rest of ImageResponse in headers: X-Upscaler-Used, X-Fallback-Reason, X-Seed and"
-    " X-Hiresfix-Meta (all of it as JSON).")}}
+BINARY_DOC = {
+    200: {
+        "content": {t: {} for t in IMAGE_TYPES},
+        "description": (
+            "With `Accept: image/png|image/jpeg|image/webp|image/*`: the image file itself (one"
+            " image), and the rest of ImageResponse in headers: X-Upscaler-Used,"
+            " X-Fallback-Reason, X-Seed and X-Hiresfix-Meta (all of it as JSON)."
+        ),
+    }
+}
+
+# Every error status a route can answer, for the OpenAPI document: all share ErrorResponse.
+_ERRORS = {
+    400: "An undecodable image, or a malformed X-Request-ID header.",
+    401: "API keys are on (HIRESFIX_API_KEYS) and no valid `Authorization: Bearer` key was sent.",
+    404: "No such request id.",
+    406: "`Accept: image/*` for more than one image.",
+    408: "The request body did not arrive whole within http.body_timeout_s.",
+    409: "The X-Request-ID belongs to a request that is still running.",
+    413: "The body (Content-Length) or the image is larger than this deployment accepts.",
+    422: "A field is missing, malformed or outside this deployment's limits: `detail` names it.",
+    429: "This API key already runs its maximum of concurrent requests; see Retry-After.",
+    500: "A bug: the log holds the detail under `request_id`. Sent with x-should-retry: false.",
+    503: "At capacity, or a stage is restarting: retry after Retry-After seconds.",
+}
+
+
+def error_docs(*codes: int, binary: bool = False) -> dict:
+    """`responses=` for a route: its error statuses (and the image/* answer where it has one)."""
+    docs = {c: {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
+    return {**BINARY_DOC, **docs} if binary else docs
 
 
 def binary_format(request: Request, output_format: str) -> str | None:
@@ -103,7 +236,42 @@ def binary_format(request: Request, output_format: str) -> str | None:
     return output_format if "image/*" in types else None
 
 
+def json_answer(body: BaseModel) -> Response:
+    """Serialised once by pydantic's Rust encoder: FastAPI's generic path would re-validate and walk
+    megabytes of base64 again."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def image_answer(body: ImageResponse, data: bytes) -> Response:
+    """The file itself; the rest of the answer in headers (latin-1 only: ensure_ascii escapes the
+    rest)."""
+    meta = json.dumps(
+        body.model_dump(mode="json", exclude={"image", "images"}), separators=(",", ":")
+    )
+    headers = {"x-hiresfix-meta": meta}
+    reason = body.fallback_reason and body.fallback_reason.value
+    for name, value in (
+        ("x-upscaler-used", body.upscaler_used),
+        ("x-seed", body.seed),
+        ("x-fallback-reason", reason),
+    ):
+        if value is not None:
+            headers[name] = str(value).encode("ascii", "replace").decode()
+    return Response(data, media_type=f"image/{body.output_format}", headers=headers)
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _rid(request: Request) -> str | None:
+    """The request's id for an error body; never raises (the error may be about the id itself)."""
+    rid = request.headers.get("x-request-id")
+    if rid is not None and _REQUEST_ID.match(rid):
+        return rid
+    try:
+        return request_id(request)
+    except RequestError:
+        return None
 
 
 def request_id(request: Request) -> str:
@@ -112,7 +280,7 @@ def request_id(request: Request) -> str:
     rid = request.headers.get("x-request-id")
     if rid is not None:
         if not _REQUEST_ID.match(rid):
-            raise BadRequest("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
+            raise RequestError("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
         return rid
     try:
         from ray.serve.context import _get_serve_request_context  # private, hence guarded

@@ -1,4 +1,5 @@
-"""The refine/face deployment: hires-fix img2img, the ensemble-of-experts finish, face restoration."""
+"""The refine/face deployment: hires-fix img2img, the ensemble-of-experts finish, and face
+restoration."""
 
 from __future__ import annotations
 
@@ -18,29 +19,41 @@ from hiresfix.stages import ImageBatch
 
 @serve.deployment(name="RefineFace")
 class RefineFace:
-    def __init__(self, sdxl: dict, face: dict, progress: DeploymentHandle | None = None):
+    def __init__(
+        self, *, sdxl: dict, face: dict, progress: DeploymentHandle, report_interval_s: float
+    ):
         self.settings = SDXLSettings.model_validate(sdxl)
-        self.progress = Reporter(progress)
+        self.progress = Reporter(progress, report_interval_s)
         self.pipe = load_refine_pipeline(self.settings)
         self.stage = RefineStage(self.pipe)
         self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
 
     async def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return await run_cancellable(lambda on_step: self.stage.finish(batch, req, on_step=on_step), "finish",
-                                     self.progress.stepper(batch.request_id, "finish"))
+        return await run_cancellable(
+            lambda on_step: self.stage.finish(batch, req, on_step=on_step),
+            "finish",
+            self.progress.stepper(batch.request_id, "finish"),
+        )
 
     async def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return await run_cancellable(lambda on_step: self.stage.hires(batch, req, on_step=on_step), "hires",
-                                     self.progress.stepper(batch.request_id, "hires"))
+        return await run_cancellable(
+            lambda on_step: self.stage.hires(batch, req, on_step=on_step),
+            "hires",
+            self.progress.stepper(batch.request_id, "hires"),
+        )
 
-    async def restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+    async def restore_faces(
+        self, batch: ImageBatch, weight: float, model: str | None
+    ) -> ImageBatch:
         self.progress.mark(batch.request_id, "face")
         # Off the event loop, so info() and other requests are answered while faces are restored.
         return await asyncio.to_thread(self._restore_faces, batch, weight, model)
 
     def _restore_faces(self, batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
         t0 = time.perf_counter()
-        batch.pictures, batch.face_restoration = self.faces.restore_all(batch.pictures, weight, model)
+        batch.pictures, batch.face_restoration = self.faces.restore_all(
+            batch.pictures, weight, model
+        )
         batch.add_time("face", time.perf_counter() - t0)
         return batch
 

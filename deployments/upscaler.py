@@ -19,8 +19,8 @@ from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
 
 @serve.deployment(name="Upscaler")
 class Upscaler:
-    def __init__(self, settings: dict, progress: DeploymentHandle | None = None):
-        self.progress = Reporter(progress)
+    def __init__(self, *, settings: dict, progress: DeploymentHandle, report_interval_s: float):
+        self.progress = Reporter(progress, report_interval_s)
         self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
 
     def reconfigure(self, config: dict) -> None:
@@ -31,7 +31,7 @@ class Upscaler:
     async def upscale(
         self, batch: ImageBatch, size: tuple[int, int], model: str | None, use_neural: bool
     ) -> ImageBatch:
-        """Resize every picture of `batch` to `size` (w, h): the ingress computed it from the request."""
+        """Resize every picture of `batch` to `size` (w, h), computed by the ingress."""
         t0 = time.perf_counter()
         self.progress.mark(batch.request_id, "upscale")
         jobs = [UpscaleJob(pic, tuple(size), model, use_neural) for pic in batch.pictures]

@@ -39,11 +39,19 @@ def _add_schema_flags(p: argparse.ArgumentParser, model: type[BaseModel], skip: 
         flag = "--" + name.replace("_", "-")
         help_ = (f.description or "") + ("" if f.is_required() else f" (default: {f.default})")
         if ann is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            p.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
         elif origin is typing.Literal:
             p.add_argument(flag, dest=name, choices=typing.get_args(ann), default=None, help=help_)
         else:
-            p.add_argument(flag, dest=name, type=ann if ann in (int, float, str) else str, default=None, help=help_)
+            p.add_argument(
+                flag,
+                dest=name,
+                type=ann if ann in (int, float, str) else str,
+                default=None,
+                help=help_,
+            )
 
 
 def _payload(ns: argparse.Namespace, model: type[BaseModel]) -> dict:
@@ -53,7 +61,9 @@ def _payload(ns: argparse.Namespace, model: type[BaseModel]) -> dict:
 # ---------- HTTP with a progress line ----------
 def progress_line(info: dict) -> str:
     """One status line from GET /progress: 'hires 6/15 | 63% | 12.3 s | ETA 7 s'."""
-    stage = f"{info['stage']} {info['step']}/{info['stage_steps']}" if info.get("stage") else "queued"
+    stage = (
+        f"{info['stage']} {info['step']}/{info['stage_steps']}" if info.get("stage") else "queued"
+    )
     eta = f" | ETA {info['eta_s']:.0f} s" if info.get("eta_s") is not None else ""
     return f"{stage} | {info['progress'] * 100:3.0f}% | {info['elapsed_s']:.1f} s{eta}"
 
@@ -87,9 +97,17 @@ def _post(url: str, path: str, payload: dict, timeout: float, quiet: bool) -> di
     if not quiet and sys.stderr.isatty():
         spinner.start()
     try:
-        r = httpx.post(base + path, json=payload, timeout=timeout, headers={"x-request-id": rid} if rid else None)
+        r = httpx.post(
+            base + path,
+            json=payload,
+            timeout=timeout,
+            headers={"x-request-id": rid} if rid else None,
+        )
     except httpx.ConnectError:
-        raise SystemExit(f"error: no hiresfix server at {url} (start one with `serve run serve_config.cpu.yaml`)")
+        # The message says all there is to say; the httpx traceback would only bury it.
+        raise SystemExit(
+            f"error: no hiresfix server at {url} (start one with `serve run serve_config.cpu.yaml`)"
+        ) from None
     finally:
         done.set()
         if spinner.is_alive():
@@ -122,7 +140,8 @@ def _write_images(resp: dict, out: Path, as_json: bool) -> None:
             print(p)
         extra = f" (fallback: {resp['fallback_reason']})" if resp.get("fallback_reason") else ""
         print(
-            f"{resp['width']}x{resp['height']} seed={resp.get('seed')} upscaler={resp.get('upscaler_used')}{extra}"
+            f"{resp['width']}x{resp['height']} seed={resp.get('seed')}"
+            f" upscaler={resp.get('upscaler_used')}{extra}"
             f" total={resp.get('timings', {}).get('total')}s",
             file=sys.stderr,
         )
@@ -131,7 +150,9 @@ def _write_images(resp: dict, out: Path, as_json: bool) -> None:
 # ---------- subcommands ----------
 def cmd_generate(ns: argparse.Namespace) -> None:
     payload = _payload(ns, GenerateRequest)
-    GenerateRequest.model_validate(payload)  # fail here, with the server's own message, before sending
+    GenerateRequest.model_validate(
+        payload
+    )  # fail here, with the server's own message, before sending
     _write_images(_post(ns.url, "/generate", payload, ns.timeout, ns.json), Path(ns.out), ns.json)
 
 
@@ -149,12 +170,16 @@ def cmd_weights(ns: argparse.Namespace) -> None:
     try:
         paths = download_weights(ns.names or None, ns.weights_dir, progress=True)
     except DownloadError as exc:  # offline, unknown name, checksum: the message says what to do
-        raise SystemExit(f"error: {exc}")
+        raise SystemExit(f"error: {exc}") from exc
     # No official hash is published for most release files: print what was fetched, so ops can pin
     # it in the profile (`sha256:` on the model entry) and every later load is checked against it.
     for path in paths:
         known = known_weights(path.name)
-        how = "matches the known hash" if known and known.sha256 else "no official hash known: pin it in the profile"
+        how = (
+            "matches the known hash"
+            if known and known.sha256
+            else "no official hash known: pin it in the profile"
+        )
         print(f"{path}  sha256 {sha256_file(path)}  ({how})")
 
 
@@ -165,7 +190,13 @@ def cmd_compare(ns: argparse.Namespace) -> None:
     if ns.input:
         raw = Path(ns.input).read_bytes()
     else:
-        gen = _post(ns.url, "/generate", {"prompt": ns.prompt, "seed": ns.seed, "width": ns.width, "height": ns.height}, ns.timeout, True)
+        gen = _post(
+            ns.url,
+            "/generate",
+            {"prompt": ns.prompt, "seed": ns.seed, "width": ns.width, "height": ns.height},
+            ns.timeout,
+            True,
+        )
         raw = base64.b64decode(gen["image"])
     original = decode_image(raw)
     b64 = base64.b64encode(raw).decode()
@@ -175,7 +206,11 @@ def cmd_compare(ns: argparse.Namespace) -> None:
         if name != "lanczos":
             body["upscaler"] = name
         resp = _post(ns.url, "/upscale", body, ns.timeout, True)
-        label = resp["upscaler_used"] if not resp.get("fallback_reason") or name == "lanczos" else f"{name} -> lanczos ({resp['fallback_reason']})"
+        label = (
+            resp["upscaler_used"]
+            if not resp.get("fallback_reason") or name == "lanczos"
+            else f"{name} -> lanczos ({resp['fallback_reason']})"
+        )
         results.append((label, decode_image(resp["image"])))
     sheet = compare_images(original, results)
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -189,13 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})")
-        sp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
+        sp.add_argument(
+            "--timeout", type=float, default=600.0, help="seconds to wait for the answer"
+        )
 
     g = sub.add_parser("generate", help="text -> image through POST /generate")
     client(g)
     g.add_argument("prompt", help="what to draw")
-    g.add_argument("-o", "--out", default="out/generate.png", help="output file (a -N suffix per extra image)")
-    g.add_argument("--json", action="store_true", help="print the full response (without image data)")
+    g.add_argument(
+        "-o", "--out", default="out/generate.png", help="output file (a -N suffix per extra image)"
+    )
+    g.add_argument(
+        "--json", action="store_true", help="print the full response (without image data)"
+    )
     _add_schema_flags(g, GenerateRequest, skip={"prompt"})
     g.set_defaults(func=cmd_generate)
 
@@ -209,11 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="download official upscaler weights (checksummed)")
     w.add_argument("names", nargs="*", help="model names (default: all known)")
-    w.add_argument("--weights-dir", default=os.environ.get("HIRESFIX_WEIGHTS_DIR", "weights"),
-                   help="target folder (default: $HIRESFIX_WEIGHTS_DIR or ./weights)")
+    w.add_argument(
+        "--weights-dir",
+        default=os.environ.get("HIRESFIX_WEIGHTS_DIR", "weights"),
+        help="target folder (default: $HIRESFIX_WEIGHTS_DIR or ./weights)",
+    )
     w.set_defaults(func=cmd_weights)
 
-    c = sub.add_parser("compare", help="side-by-side PNG: LANCZOS vs neural upscalers, with a zoomed crop")
+    c = sub.add_parser(
+        "compare", help="side-by-side PNG: LANCZOS vs neural upscalers, with a zoomed crop"
+    )
     client(c)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="image file to upscale")
@@ -222,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--width", type=int, default=512)
     c.add_argument("--height", type=int, default=512)
     c.add_argument("--scale", type=float, default=2.0)
-    c.add_argument("--upscaler", action="append", default=[], help="configured upscaler name (repeatable)")
+    c.add_argument(
+        "--upscaler", action="append", default=[], help="configured upscaler name (repeatable)"
+    )
     c.add_argument("-o", "--out", default="out/compare.png")
     c.set_defaults(func=cmd_compare)
     return p
@@ -233,9 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ns.func(ns)
     except ValidationError as exc:  # same message the server would give, without a round trip
-        raise SystemExit("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        raise SystemExit(
+            "error: "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
     except KeyboardInterrupt:
-        raise SystemExit(130)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

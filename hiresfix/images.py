@@ -5,8 +5,9 @@ was (bit depth, grayscale) so that the encoder can give back the same kind of fi
 between stages means a 16-bit PNG is never squeezed through 8 bits halfway.
 
 Format fidelity kept through decode -> encode: 16-bit PNG (RGB, RGBA, grey, grey+alpha), grayscale,
-alpha (including palette and colour-key transparency), the embedded ICC profile (`info["icc_profile"]`,
-written back into PNG/JPEG/WebP), and EXIF orientation (applied to the pixels, then dropped).
+alpha (including palette and colour-key transparency), the embedded ICC profile
+(`info["icc_profile"]`, written back into PNG/JPEG/WebP), and EXIF orientation (applied to the
+pixels, then dropped).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageOps
 
+from hiresfix.schemas import RequestError
+
 # Decompression-bomb guard: checked on the header, before any pixel is decoded.
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 DEFAULT_MAX_INPUT_BYTES = 32 * 1024 * 1024
@@ -29,12 +32,14 @@ DEFAULT_MAX_INPUT_BYTES = 32 * 1024 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class ImageInputError(ValueError):
-    """The client sent an image we refuse; `status` is the HTTP code to answer with."""
+class ImageInputError(RequestError):
+    """The client sent an image we refuse (400 undecodable, 413 too large): the `image` field."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__("image", message, status)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -57,13 +62,15 @@ class Picture:
     def size(self) -> tuple[int, int]:
         return self.width, self.height
 
-    def with_pixels(self, rgb: np.ndarray, alpha: np.ndarray | None = None) -> "Picture":
+    def with_pixels(self, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Picture:
         # info is copied: two stages holding the same dict would see each other's edits.
-        return replace(self, rgb=rgb.astype(np.float32, copy=False), alpha=alpha, info=dict(self.info))
+        return replace(
+            self, rgb=rgb.astype(np.float32, copy=False), alpha=alpha, info=dict(self.info)
+        )
 
     # --- PIL bridges (8-bit; what diffusers and OpenCV stages consume) ---
     @classmethod
-    def from_pil(cls, im: Image.Image) -> "Picture":
+    def from_pil(cls, im: Image.Image) -> Picture:
         return _from_pil(im)
 
     def to_pil(self) -> Image.Image:
@@ -97,7 +104,9 @@ def _from_pil(im: Image.Image, source_bits: int | None = None) -> Picture:
         else:
             sixteen = mode.startswith("I;16") or a.max() > 255
         g = np.clip(a / (65535.0 if sixteen else 255.0), 0.0, 1.0).astype(np.float32)
-        key = im.info.get("transparency")  # colour-key (tRNS) transparency: that grey value is clear
+        key = im.info.get(
+            "transparency"
+        )  # colour-key (tRNS) transparency: that grey value is clear
         alpha = None if not isinstance(key, int) else (a != key).astype(np.float32)
         pic = Picture(np.repeat(g[..., None], 3, axis=2), alpha, 16 if sixteen else 8, True)
     elif mode == "F":
@@ -133,7 +142,9 @@ def decode_image(
     # (the slack covers a data: URL prefix and line breaks).
     if isinstance(data, str) and len(data) > max_bytes * 4 // 3 * 1.05 + 4096:
         raise ImageInputError(
-            f"image is about {len(data) * 3 // 4} bytes; the limit is {max_bytes} bytes: send a smaller file", 413
+            f"image is about {len(data) * 3 // 4} bytes; the limit is {max_bytes} bytes:"
+            " send a smaller file",
+            413,
         )
     raw = _b64decode(data) if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
@@ -151,14 +162,17 @@ def decode_image(
                 w, h = probe.size
     except Image.DecompressionBombError as exc:
         # PIL refuses headers beyond twice its own limit before we can read the size.
-        raise ImageInputError(f"image is too large ({exc}): the limit is {max_pixels} pixels", 413)
-    except Exception as exc:  # PIL raises many types for junk
-        raise ImageInputError(f"image could not be decoded ({exc.__class__.__name__}): send PNG, JPEG or WebP")
+        raise ImageInputError(
+            f"image header declares too many pixels: the limit is {max_pixels}", 413
+        ) from exc
+    except Exception as exc:  # PIL raises many types for junk; the client needs no exception names
+        raise ImageInputError("image could not be decoded: send PNG, JPEG or WebP") from exc
     if fmt not in ("PNG", "JPEG", "WEBP"):
         raise ImageInputError(f"image format {fmt} is not supported: send PNG, JPEG or WebP")
     if w * h > max_pixels:
         raise ImageInputError(
-            f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}: send a smaller image", 413
+            f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}: send a smaller image",
+            413,
         )
     png_bits = raw[24] if fmt == "PNG" and len(raw) > 25 else None
     try:
@@ -170,12 +184,14 @@ def decode_image(
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(raw)) as im:
                     im.load()
-                    im = ImageOps.exif_transpose(im)  # phone photos: apply orientation, then forget it
+                    im = ImageOps.exif_transpose(
+                        im
+                    )  # phone photos: apply orientation, then forget it
                     pic = _from_pil(im, png_bits)
     except ImageInputError:
         raise
     except Exception as exc:
-        raise ImageInputError(f"image data is corrupt ({exc.__class__.__name__}: {exc})")
+        raise ImageInputError("image data is corrupt or truncated: send the whole file") from exc
     pic.info["source_format"] = fmt.lower()
     return pic
 
@@ -211,8 +227,8 @@ def _png_chunks(raw: bytes):
     """(type, body) of each PNG chunk, read from the bytes without decoding any pixels."""
     pos = 8
     while pos + 8 <= len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
-        yield kind, raw[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        yield kind, raw[pos + 8 : pos + 8 + length]
         if kind == b"IEND":
             return
         pos += 12 + length
@@ -223,7 +239,7 @@ def _png_icc(raw: bytes) -> bytes | None:
         if kind == b"iCCP":
             name_end = body.find(b"\x00")
             try:
-                return zlib.decompress(body[name_end + 2:])  # skip name, NUL, compression method
+                return zlib.decompress(body[name_end + 2 :])  # skip name, NUL, compression method
             except zlib.error:
                 return None
     return None
@@ -269,8 +285,10 @@ def _b64decode(s: str) -> bytes:
     s = "".join(s.split())
     try:
         return base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageInputError("image is not valid base64: send the file bytes base64-encoded")
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError(
+            "image is not valid base64: send the file bytes base64-encoded"
+        ) from exc
 
 
 def encode_image(pic: Picture, fmt: str = "png", quality: int = 95) -> bytes:
@@ -322,17 +340,26 @@ def _encode_png_16(pic: Picture, icc: bytes | None) -> bytes:
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
 
 
 def _png_raw(width: int, height: int, color_type: int, pixels_be: np.ndarray) -> bytes:
     """A 16-bit PNG from big-endian samples (rows unfiltered; zlib does the work)."""
     rows = pixels_be.reshape(height, -1).tobytes()
     stride = len(rows) // height
-    scan = b"".join(b"\x00" + rows[i * stride:(i + 1) * stride] for i in range(height))
+    scan = b"".join(b"\x00" + rows[i * stride : (i + 1) * stride] for i in range(height))
     ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(scan, 6))
-            + _png_chunk(b"IEND", b""))
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(scan, 6))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _png_insert_icc(data: bytes, icc: bytes) -> bytes:

@@ -1,10 +1,10 @@
 """Progress of running /generate requests: what A1111's progress bar and ComfyUI's websocket show.
 
-The ingress opens an entry with the request's plan (denoising steps per stage, in order), the stages
-report steps as they run, and GET /progress/{request_id} reads it. Progress counts denoising steps;
-the upscale and face passes count as one step each. A report for a later stage means every earlier
-one is finished, so dropped or throttled reports never leave the bar behind. Ray-free: the Progress
-deployment only wraps a ProgressBoard.
+The ingress opens an entry with the request's plan (hiresfix/plan.py: steps per stage, in order),
+the stages report steps as they run, and GET /progress/{request_id} reads it. Progress counts
+denoising steps; the upscale and face passes count as one step each. A report for a later stage
+means every earlier one is finished, so dropped or throttled reports never leave the bar behind.
+Ray-free: the Progress deployment only wraps a ProgressBoard.
 """
 
 from __future__ import annotations
@@ -12,30 +12,35 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from hiresfix.schedule import hires_steps_run
-from hiresfix.schemas import GenerateRequest, ProgressInfo
+from pydantic import BaseModel, ConfigDict, Field
 
-STAGE_ORDER = ("base", "finish", "upscale", "hires", "face")
+from hiresfix.schemas import ProgressInfo
 
 
-def generate_plan(req: GenerateRequest) -> dict[str, int]:
-    """Steps each stage of `req` runs, in order."""
-    n = req.num_inference_steps
-    plan: dict[str, int] = {}
-    if req.refiner_switch_at is not None:  # ensemble of experts: the base stops at the switch point
-        plan["base"] = max(1, min(n - 1, round(n * req.refiner_switch_at))) if n > 1 else 1
-        plan["finish"] = max(1, n - plan["base"])
-    else:
-        plan["base"] = n
-    if req.hires_fix:
-        plan["upscale"] = 1
-        plan["hires"] = hires_steps_run(n, req.hires_steps, req.denoising_strength)
-    if req.use_face_restoration:
-        plan["face"] = 1
-    return plan
+class ProgressSettings(BaseModel):
+    """serve_config `args.progress`: how long the board remembers, and how hard stages may lean
+    on it."""
+
+    model_config = ConfigDict(extra="forbid")
+    keep_s: float = Field(600.0, gt=0, description="How long a finished request stays readable.")
+    max_entries: int = Field(
+        10_000, ge=1, description="Most requests remembered; the oldest go first."
+    )
+    report_interval_s: float = Field(0.25, ge=0, description="A stage reports at most this often.")
+    begin_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="The ingress waits this long to open an entry, then serves without one.",
+    )
+    read_timeout_s: float = Field(
+        5.0, gt=0, description="GET /progress waits this long for the board."
+    )
+    skip_s: float = Field(
+        10.0, ge=0, description="After the board failed to answer, requests skip it this long."
+    )
 
 
 @dataclass
@@ -52,8 +57,12 @@ class _Entry:
 class ProgressBoard:
     """Thread-safe; keeps finished entries `keep_s` seconds and at most `max_entries` in all."""
 
-    def __init__(self, keep_s: float = 600.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        keep_s: float = ProgressSettings.model_fields["keep_s"].default,
+        max_entries: int = ProgressSettings.model_fields["max_entries"].default,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.keep_s, self.max_entries, self.clock = keep_s, max_entries, clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
@@ -66,7 +75,9 @@ class ProgressBoard:
             if old is not None and old.state == "running":
                 return False
             self._entries.pop(request_id, None)
-            self._entries[request_id] = _Entry(plan={k: max(1, v) for k, v in plan.items()}, started=self.clock())
+            self._entries[request_id] = _Entry(
+                plan={k: max(1, v) for k, v in plan.items()}, started=self.clock()
+            )
             return True
 
     def report(self, request_id: str, stage: str, steps_done: int) -> None:
@@ -100,18 +111,31 @@ class ProgressBoard:
                 fraction = min(fraction, 0.99)  # every step done, the answer still being encoded
             now = e.finished if e.finished is not None else self.clock()
             elapsed = now - e.started
-            eta = elapsed * (1 - fraction) / fraction if e.state == "running" and fraction > 0 else None
+            eta = (
+                elapsed * (1 - fraction) / fraction
+                if e.state == "running" and fraction > 0
+                else None
+            )
             return ProgressInfo(
-                request_id=request_id, state=e.state, stage=e.stage,
+                request_id=request_id,
+                state=e.state,
+                stage=e.stage,
                 step=e.done.get(e.stage, 0) if e.stage else 0,
                 stage_steps=e.plan.get(e.stage, 0) if e.stage else 0,
-                progress=round(fraction, 4), elapsed_s=round(elapsed, 2),
-                eta_s=None if eta is None else round(eta, 1), plan=dict(e.plan), detail=e.detail,
+                progress=round(fraction, 4),
+                elapsed_s=round(elapsed, 2),
+                eta_s=None if eta is None else round(eta, 1),
+                plan=dict(e.plan),
+                detail=e.detail,
             )
 
     def _evict(self) -> None:
         now = self.clock()
-        for rid in [r for r, e in self._entries.items() if e.finished is not None and now - e.finished > self.keep_s]:
+        for rid in [
+            r
+            for r, e in self._entries.items()
+            if e.finished is not None and now - e.finished > self.keep_s
+        ]:
             del self._entries[rid]
         while len(self._entries) > self.max_entries:  # oldest first, finished or not
             self._entries.popitem(last=False)

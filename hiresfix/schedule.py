@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 
 
-def hires_schedule_length(steps: int, hires_steps: int, strength: float, max_steps: int = 1000) -> int:
+def hires_schedule_length(
+    steps: int, hires_steps: int, strength: float, max_steps: int = 1000
+) -> int:
     """num_inference_steps for img2img. diffusers (like A1111) runs int(n * strength) of n steps:
     hires_steps == 0 keeps the base step count, so int(steps * strength) steps run; otherwise the
     shortest n that runs exactly hires_steps. At least one step always runs."""

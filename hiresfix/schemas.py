@@ -12,16 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-# Hard bounds that protect a replica whatever the profile. Profiles set stricter ones (ingress limits,
-# including the largest hires output side).
+from hiresfix.samplers import SamplerName
+
+# Hard bounds that protect a replica whatever the profile. Profiles set stricter ones (ingress
+# limits, including the largest hires output side).
 MAX_SIDE = 2048
 MAX_STEPS = 150
 SEED_MAX = 2**32 - 1
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-
-SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc")
-SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
 
 
 class FallbackReason(str, Enum):
@@ -31,12 +30,17 @@ class FallbackReason(str, Enum):
     not_installed = "not_installed"  # torch/spandrel cannot be imported
     weights_missing = "weights_missing"  # configured file absent (or checksum mismatch)
     out_of_memory = "out_of_memory"  # still OOM at the smallest tile
+    upscaler_unavailable = "upscaler_unavailable"  # its replica (or node) died or is restarting
     error = "error"  # anything else; fallback_detail says what
+
+
+_X8 = {"multipleOf": 8}
 
 
 class _Strict(BaseModel):
     # Unknown fields are a 422, not silently ignored: a typo like "hires_fixx" must not pass.
-    model_config = ConfigDict(extra="forbid")
+    # NaN and inf are no value for any knob: a 422 naming the field, not a silent default.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FaceOptions(_Strict):
@@ -50,9 +54,7 @@ class FaceOptions(_Strict):
 
 
 class UpscaleOptions(_Strict):
-    use_realesrgan: bool = Field(
-        True, description="Use the neural upscaler; false forces LANCZOS."
-    )
+    use_realesrgan: bool = Field(True, description="Use the neural upscaler; false forces LANCZOS.")
     upscaler: str | None = Field(
         None, description="A configured upscaler name (GET /models); null = the default."
     )
@@ -64,32 +66,53 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="null = random; the seed used is returned."
     )
-    width: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.")
-    height: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.")
+    # multipleOf in the document (clients and fuzzers generate valid sizes); the validator below
+    # keeps the friendlier message that suggests the nearest sizes.
+    width: int = Field(768, ge=64, le=MAX_SIDE, description="Multiple of 8.", json_schema_extra=_X8)
+    height: int = Field(
+        768, ge=64, le=MAX_SIDE, description="Multiple of 8.", json_schema_extra=_X8
+    )
     num_inference_steps: int = Field(30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    scheduler: SchedulerName = Field("euler", description="Sampler (also of the second pass, unless hires_scheduler).")
-    num_images: int = Field(1, ge=1, le=4, description="Images per request, seeds seed, seed+1, ...")
+    scheduler: SamplerName = Field(
+        "euler", description="Sampler (also of the second pass, unless hires_scheduler)."
+    )
+    num_images: int = Field(
+        1, ge=1, le=4, description="Images per request, seeds seed, seed+1, ..."
+    )
     hires_fix: bool = Field(False, description="Upscale by hires_scale, then refine with img2img.")
     hires_scale: float = Field(2.0, ge=1.0, le=4.0)
     hires_width: int = Field(
-        0, ge=0, le=4 * MAX_SIDE,
-        description="Resize to this width instead of by hires_scale (A1111 'Resize width to'); 0 = unset."
-        " Set alone, the height follows the aspect ratio.",
+        0,
+        ge=0,
+        le=4 * MAX_SIDE,
+        description=(
+            "Resize to this width instead of by hires_scale (A1111 'Resize width to'); 0 = unset."
+            " Set alone, the height follows the aspect ratio."
+        ),
     )
     hires_height: int = Field(
-        0, ge=0, le=4 * MAX_SIDE, description="Resize to this height instead; 0 = unset. Alone: width follows."
+        0,
+        ge=0,
+        le=4 * MAX_SIDE,
+        description="Resize to this height instead; 0 = unset. Alone: width follows.",
     )
     hires_steps: int = Field(
         0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0 = derived from steps and strength."
     )
     denoising_strength: float = Field(
-        # Below 0.001 not one of the 1000 training timesteps would run (diffusers fails on an empty schedule).
-        0.5, ge=0.001, le=1.0, description="Second-pass strength."
+        # Below 0.001 not one of the 1000 training timesteps would run (diffusers fails on an
+        # empty schedule).
+        0.5,
+        ge=0.001,
+        le=1.0,
+        description="Second-pass strength.",
     )
     hires_prompt: str = Field("", max_length=4000, description="Empty = same as prompt.")
     hires_negative_prompt: str = Field("", max_length=4000, description="Empty = same.")
-    hires_scheduler: SchedulerName | None = Field(None, description="Second-pass sampler; null = scheduler.")
+    hires_scheduler: SamplerName | None = Field(
+        None, description="Second-pass sampler; null = scheduler."
+    )
     hires_guidance_scale: float | None = Field(
         None, ge=0.0, le=30.0, description="Second-pass CFG scale; null = guidance_scale."
     )
@@ -97,7 +120,9 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
         None,
         gt=0.0,
         lt=1.0,
-        description="Ensemble-of-experts: base denoises to this fraction, the refine model finishes.",
+        description=(
+            "Ensemble-of-experts: base denoises to this fraction, the refine model finishes."
+        ),
     )
     output_format: OutputFormat = "png"
 
@@ -112,7 +137,9 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
-            raise ValueError(f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})")
+            raise ValueError(
+                f"must be a multiple of 8 (got {v}; try {v - v % 8} or {v - v % 8 + 8})"
+            )
         return v
 
     @field_validator("hires_width", "hires_height")
@@ -130,7 +157,8 @@ class GenerateRequest(UpscaleOptions, FaceOptions):
             follow = resize_to(d["width"], d["height"], d["hires_width"], 0)[1]
             if abs(follow - v) > 8:
                 raise ValueError(
-                    f"{d['hires_width']}x{v} changes the aspect ratio of {d['width']}x{d['height']}:"
+                    f"{d['hires_width']}x{v} changes the aspect ratio of"
+                    f" {d['width']}x{d['height']}:"
                     f" set only hires_width or hires_height (the other follows, e.g. hires_height"
                     f" {follow}) or both in proportion"
                 )
@@ -151,7 +179,10 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def resize_to(width: int, height: int, to_width: int, to_height: int) -> tuple[int, int]:
     """A1111's "resize to": a side left 0 follows the aspect ratio (snapped to 8)."""
-    return (to_width or _snap8(to_height * width / height), to_height or _snap8(to_width * height / width))
+    return (
+        to_width or _snap8(to_height * width / height),
+        to_height or _snap8(to_width * height / width),
+    )
 
 
 def _snap8(v: float) -> int:
@@ -159,7 +190,9 @@ def _snap8(v: float) -> int:
 
 
 class UpscaleRequest(UpscaleOptions, FaceOptions):
-    image: str = Field(..., min_length=1, description="Base64 PNG/JPEG/WebP (a data: URL is accepted).")
+    image: str = Field(
+        ..., min_length=1, description="Base64 PNG/JPEG/WebP (a data: URL is accepted)."
+    )
     scale: float = Field(2.0, ge=1.0, le=8.0, description="Any factor, e.g. 1.5, 2, 3, 4.")
     output_format: OutputFormat = "png"
 
@@ -180,15 +213,21 @@ class ImageResponse(BaseModel):
     seeds: list[int] = Field(default_factory=list)
     upscaler_used: str | None = Field(
         None,
-        description="Model name, 'lanczos', or null when the request had no upscale stage (at scale 1"
-        " the stage passes the picture through and still names the model).",
+        description=(
+            "Model name, 'lanczos', or null when the request had no upscale stage (at scale 1"
+            " the stage passes the picture through and still names the model)."
+        ),
     )
     fallback_reason: FallbackReason | None = None
     fallback_detail: str | None = None
     face_restoration: FaceRestorationInfo = Field(default_factory=FaceRestorationInfo)
     output_format: OutputFormat = "png"
-    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, and total.")
-    request_id: str | None = Field(None, description="/generate: the X-Request-ID sent, or one assigned.")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="Seconds per stage, and total."
+    )
+    request_id: str | None = Field(
+        None, description="/generate: the X-Request-ID sent, or one assigned."
+    )
 
 
 class ProgressInfo(BaseModel):
@@ -196,12 +235,18 @@ class ProgressInfo(BaseModel):
 
     request_id: str
     state: Literal["running", "done", "failed", "cancelled"]
-    stage: str | None = Field(None, description="base, finish, upscale, hires or face; null before the first step.")
+    stage: str | None = Field(
+        None, description="base, finish, upscale, hires or face; null before the first step."
+    )
     step: int = Field(0, description="Steps done in the current stage.")
     stage_steps: int = Field(0, description="Steps the current stage runs.")
-    progress: float = Field(..., ge=0.0, le=1.0, description="Whole request; upscale and face count as one step each.")
+    progress: float = Field(
+        ..., ge=0.0, le=1.0, description="Whole request; upscale and face count as one step each."
+    )
     elapsed_s: float
-    eta_s: float | None = Field(None, description="Seconds left at the pace so far; null until the first step.")
+    eta_s: float | None = Field(
+        None, description="Seconds left at the pace so far; null until the first step."
+    )
     plan: dict[str, int] = Field(default_factory=dict, description="Steps per stage, in order.")
     detail: str | None = Field(None, description="Why it failed, when it did.")
 
@@ -232,6 +277,40 @@ class HealthResponse(BaseModel):
     deployments: dict[str, dict] = Field(default_factory=dict)
 
 
+class FieldError(BaseModel):
+    field: str = Field(..., description="The request field (or header) to change.")
+    message: str
+
+
 class ErrorResponse(BaseModel):
+    """Every error the service answers, whatever the status: what went wrong, and which field."""
+
     error: str
-    detail: list[dict] | str
+    detail: list[FieldError]
+    request_id: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        field: str,
+        message: str,
+        request_id: str | None = None,
+        summary: str | None = None,
+    ):
+        return cls(
+            error=summary or f"{field}: {message}",
+            detail=[FieldError(field=field, message=message)],
+            request_id=request_id,
+        )
+
+
+class RequestError(ValueError):
+    """A request the service refuses: the HTTP layer answers `status` with an ErrorResponse naming
+    `field`. Raised by domain checks (limits, configured model names, images) without any Ray."""
+
+    def __init__(
+        self, field: str, message: str, status: int = 422, retry_after_s: float | None = None
+    ):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+        self.retry_after_s = retry_after_s  # 429 and 503: when the same request may succeed

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hiresfix.images import Picture
-from hiresfix.schemas import FaceRestorationInfo, FallbackReason
+from hiresfix.schemas import FaceRestorationInfo, FallbackReason, ImageResponse
 
 
 @dataclass
@@ -49,3 +49,57 @@ class ImageBatch:
             self.upscaler_used = failed.upscaler_used
             self.fallback_reason = failed.fallback_reason
             self.fallback_detail = failed.fallback_detail
+
+    def response(
+        self, images: list[str], output_format: str, request_id: str | None
+    ) -> ImageResponse:
+        """The answer's body; `images` are the encoded pictures (base64, or [""] for an image/*
+        answer)."""
+        first = self.pictures[0]
+        seeds = [s for s in self.seeds if s is not None]
+        return ImageResponse(
+            image=images[0],
+            images=images,
+            width=first.width,
+            height=first.height,
+            seed=seeds[0] if seeds else None,
+            seeds=seeds,
+            upscaler_used=self.upscaler_used,
+            fallback_reason=self.fallback_reason,
+            fallback_detail=self.fallback_detail,
+            face_restoration=self.face_restoration,
+            output_format=output_format,
+            timings=self.timings,
+            request_id=request_id,
+        )
+
+
+# Fallbacks the ingress runs itself when an optional stage's replica (or its node) is gone: the
+# request still succeeds and its answer says what was skipped (hiresfix/plan.py names them).
+def upscale_unavailable(
+    batch: ImageBatch, size: tuple[int, int], model: str | None, use_neural: bool
+) -> ImageBatch:
+    from hiresfix.upscale.resample import (
+        resize_picture,  # here: hiresfix.upscale imports this module
+    )
+
+    batch.pictures = [resize_picture(p, tuple(size)) for p in batch.pictures]
+    batch.upscaler_used = "lanczos"
+    if use_neural:
+        batch.fallback_reason = FallbackReason.upscaler_unavailable
+        batch.fallback_detail = (
+            "the upscaler stage was unavailable (its replica or node is gone); LANCZOS was used"
+        )
+    else:
+        batch.fallback_reason = FallbackReason.disabled_by_request
+        batch.fallback_detail = "use_realesrgan is false: LANCZOS was requested"
+    return batch
+
+
+def faces_unavailable(batch: ImageBatch, weight: float, model: str | None) -> ImageBatch:
+    batch.face_restoration = FaceRestorationInfo(
+        applied=False,
+        model=model,
+        reason="unavailable: the face stage's replica or node is gone; faces untouched",
+    )
+    return batch

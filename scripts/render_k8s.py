@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Copy serve_config.yaml into k8s/rayservice.yaml's spec.serveConfigV2 (kept verbatim, comments too).
+"""Copy serve_config.yaml into k8s/rayservice.yaml's spec.serveConfigV2 (kept verbatim, comments
+too).
 
 Run after editing serve_config.yaml; tests/test_configs.py fails while the two differ.
 """

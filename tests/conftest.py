@@ -1,24 +1,46 @@
-"""Shared test setup: offline, single-threaded torch, real weights from ../shared, one Serve app per run."""
+"""Shared test setup: offline, single-threaded torch, real weights from ../shared, one Serve app
+per run."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-# Before torch is imported anywhere: 2 threads on a busy 2-core box make tiny models 50x slower.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import pytest
 
-from pathlib import Path  # noqa: E402
+from tests import REPO, TEST_ENV
 
-import pytest  # noqa: E402
+# Before torch is imported anywhere (conftest loads before any test module): offline, one thread,
+# Ray without auth. Set, not defaulted: the tests' timings and offline guarantees assume these
+# values.
+os.environ.update(TEST_ENV)
 
-REPO = Path(__file__).resolve().parents[1]
+# The tiny-SDXL fixtures (tiny_cache_dir, base_stage, refine_stage, ...) for every test module.
+pytest_plugins = ["tests.sdxl_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test, and every fixture built between tests, runs on one torch thread.
+
+    OMP_NUM_THREADS=1 gives a fresh torch one thread; this also undoes a test or fixture that set
+    more (an UpscalerBank without num_threads takes all cores). torch is never imported for it.
+    """
+    _pin_torch_threads()
+    yield
+    _pin_torch_threads()
+
+
+def _pin_torch_threads() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def shared_weights_dir() -> Path:
-    """The real RealESRGAN weights CI always has. Missing means a broken checkout: fail, never skip."""
+    """The real RealESRGAN weights CI always has. Missing means a broken checkout: fail, never
+    skip."""
     d = Path(os.environ.get("HIRESFIX_TEST_WEIGHTS", REPO.parent / "shared" / "weights"))
     if not (d / "realesr-animevideov3-x4.safetensors").is_file():
         pytest.fail(

@@ -1,83 +1,74 @@
-"""Shared fixtures for the SDXL tests: the tiny model is built once per session, loaded once.
+"""The tiny-SDXL fixtures, a pytest plugin (conftest's `pytest_plugins`), and their helpers.
 
-Import the fixtures into a test module (`from tests.sdxl_fixtures import *`). pytest registers an
-imported fixture once per module, so the built folder and the loaded pipelines are also cached here
-at module level: every test module gets the very same objects.
+The tiny model is built once per session and each pipeline loaded once. Test modules use the
+fixtures by name and import only the helpers (`from tests.sdxl_fixtures import make_req, ...`).
+hiresfix.sdxl (torch, diffusers) is imported by the fixtures, not here: a run without SDXL tests
+does not pay for it.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import TYPE_CHECKING
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download
-os.environ["OMP_NUM_THREADS"] = "1"  # 2 threads on the 2-core CI box: 50x slower
+import numpy as np
+import pytest
+from PIL import Image
 
-import dataclasses  # noqa: E402
+from hiresfix.images import Picture
+from hiresfix.schemas import GenerateRequest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-torch.set_num_threads(1)
-
-from hiresfix.images import Picture  # noqa: E402
-from hiresfix.schemas import GenerateRequest  # noqa: E402
-from hiresfix.sdxl import (  # noqa: E402
-    BaseStage,
-    RefineStage,
-    SDXLSettings,
-    build_tiny_sdxl,
-    load_base_pipeline,
-    load_refine_pipeline,
-)
-
-_CACHE: dict = {}
+if TYPE_CHECKING:
+    from hiresfix.sdxl import BaseStage, RefineStage, SDXLSettings
 
 
 @pytest.fixture(scope="session")
 def tiny_cache_dir(tmp_path_factory):
     """A hiresfix cache_dir holding the built tiny base and refiner."""
-    if "dir" not in _CACHE:
-        root = tmp_path_factory.getbasetemp() / "hiresfix-sdxl-cache"
-        build_tiny_sdxl(root / "tiny-sdxl")
-        build_tiny_sdxl(root / "tiny-sdxl-refiner", refiner=True)
-        _CACHE["dir"] = root
-    return _CACHE["dir"]
+    from hiresfix.sdxl import build_tiny_sdxl
+
+    root = tmp_path_factory.getbasetemp() / "hiresfix-sdxl-cache"
+    build_tiny_sdxl(root / "tiny-sdxl")
+    build_tiny_sdxl(root / "tiny-sdxl-refiner", refiner=True)
+    return root
 
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_cache_dir) -> SDXLSettings:
+    from hiresfix.sdxl import SDXLSettings
+
     return SDXLSettings(source="tiny", cache_dir=str(tiny_cache_dir))
 
 
 @pytest.fixture(scope="session")
 def base_pipe(tiny_settings):
-    if "base" not in _CACHE:
-        _CACHE["base"] = load_base_pipeline(tiny_settings)
-    return _CACHE["base"]
+    from hiresfix.sdxl import load_base_pipeline
+
+    return load_base_pipeline(tiny_settings)
 
 
 @pytest.fixture(scope="session")
 def base_stage(base_pipe) -> BaseStage:
+    from hiresfix.sdxl import BaseStage
+
     return BaseStage(base_pipe)
 
 
 @pytest.fixture(scope="session")
 def refine_stage(tiny_settings, base_pipe) -> RefineStage:
     """Hires fix with the base weights as img2img (no separate refiner: A1111 hires fix)."""
-    if "refine" not in _CACHE:
-        _CACHE["refine"] = RefineStage(load_refine_pipeline(tiny_settings, base=base_pipe))
-    return _CACHE["refine"]
+    from hiresfix.sdxl import RefineStage, load_refine_pipeline
+
+    return RefineStage(load_refine_pipeline(tiny_settings, base=base_pipe))
 
 
 @pytest.fixture(scope="session")
 def refiner_stage(tiny_cache_dir) -> RefineStage:
     """The separate tiny SDXL refiner (refiner_source='tiny')."""
-    if "refiner" not in _CACHE:
-        s = SDXLSettings(source="tiny", cache_dir=str(tiny_cache_dir), refiner_source="tiny")
-        _CACHE["refiner"] = RefineStage(load_refine_pipeline(s))
-    return _CACHE["refiner"]
+    from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
+
+    s = SDXLSettings(source="tiny", cache_dir=str(tiny_cache_dir), refiner_source="tiny")
+    return RefineStage(load_refine_pipeline(s))
 
 
 def make_req(**kw) -> GenerateRequest:
@@ -107,9 +98,3 @@ def assert_valid(batch, n, size):
 def same(a, b) -> bool:
     """Bit-identical pictures."""
     return np.array_equal(pixels(a), pixels(b))
-
-
-__all__ = [
-    "tiny_cache_dir", "tiny_settings", "base_pipe", "base_stage", "refine_stage", "refiner_stage",
-    "make_req", "upscaled", "pixels", "assert_valid", "same",
-]

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from deployments.guard import API_KEYS_ENV
+from tests import REPO, TEST_ENV
 
 
 def free_port() -> int:
@@ -29,7 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
+def make_test_config(
+    tmp: Path, weights: Path, gfpgan: Path, port: int, *, nolib: bool = True
+) -> dict:
+    """`nolib=False` leaves out the second ("library missing", API-keys) app: half the replicas,
+    for a cluster that only needs the main app (tests/test_chaos.py)."""
     cfg = yaml.safe_load((REPO / "serve_config.cpu.yaml").read_text())
     cfg["http_options"]["port"] = port
     args = cfg["applications"][0]["args"]
@@ -45,9 +50,21 @@ def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
             {"name": "realesr-animevideov3", "file": "realesr-animevideov3-x4.safetensors"},
             {"name": "missing", "file": "no-such-model.pth"},
             {"name": "corrupt", "file": str(corrupt)},
-            {"name": "chaos-oom", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "oom_always"},
-            {"name": "chaos-oom-recovers", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "oom"},
-            {"name": "chaos-error", "file": "realesr-animevideov3-x4.safetensors", "inject_fault": "error"},
+            {
+                "name": "chaos-oom",
+                "file": "realesr-animevideov3-x4.safetensors",
+                "inject_fault": "oom_always",
+            },
+            {
+                "name": "chaos-oom-recovers",
+                "file": "realesr-animevideov3-x4.safetensors",
+                "inject_fault": "oom",
+            },
+            {
+                "name": "chaos-error",
+                "file": "realesr-animevideov3-x4.safetensors",
+                "inject_fault": "error",
+            },
         ],
     )
     args["face"] = {
@@ -66,20 +83,67 @@ def make_test_config(tmp: Path, weights: Path, gfpgan: Path, port: int) -> dict:
         "max_input_bytes": 4 * 1024 * 1024,
         "max_output_side": 2048,
     }
+    if not nolib:
+        return cfg
     # A second copy of the app whose upscaler replica runs on an interpreter that really lacks
     # spandrel: the "library missing" fallback, provoked for real (no mock, no sys.modules trick).
+    # Its ingress has API keys on (HIRESFIX_API_KEYS in that replica's environment, as a pod gets
+    # it from a Secret), with a per-key limit of 1 running request.
     nolib = copy.deepcopy(cfg["applications"][0])
     nolib.update(name="nolib", route_prefix="/nolib")
     nolib["args"]["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache-nolib")
+    nolib["args"]["http"] = {
+        **nolib["args"].get("http", {}),
+        "docs_public": False,
+        "max_requests_per_key": 1,
+    }
     for d in nolib["deployments"]:
         if d["name"] == "Upscaler":
-            d["ray_actor_options"]["runtime_env"] = {"py_executable": str(python_without(tmp, "spandrel"))}
+            d["ray_actor_options"]["runtime_env"] = {
+                "py_executable": str(python_without(tmp, "spandrel"))
+            }
+        if d["name"] == "Ingress":
+            d["ray_actor_options"]["runtime_env"] = {"env_vars": {API_KEYS_ENV: ",".join(API_KEYS)}}
     cfg["applications"].append(nolib)
+    cfg["applications"].append(fuzz_app(cfg["applications"][0], tmp))
     return cfg
 
 
+# The "fuzz" app's request limits (tests/test_fuzz.py): small enough that the largest request the
+# fuzzer can make valid (a 128 px base, 4 steps, 4 images, hires fix to 256 px, face pass) costs
+# seconds on a CPU, so big generated values turn into fast 422/413 answers.
+FUZZ_LIMITS = {
+    "max_side": 128,
+    "max_steps": 4,
+    "max_output_side": 256,
+    "max_input_pixels": 128 * 128,
+    "max_input_bytes": 256 * 1024,
+}
+
+
+FUZZ_BODY_TIMEOUT_S = 5  # stalled uploads to /fuzz get their 408 quickly (tests/test_hostile.py)
+
+
+def fuzz_app(main: dict, tmp: Path) -> dict:
+    """A third copy of the main app at /fuzz with FUZZ_LIMITS, the one real upscaler and the one
+    real face model: the same OpenAPI document, a cheap largest valid request."""
+    app = copy.deepcopy(main)
+    app.update(name="fuzz", route_prefix="/fuzz")
+    args = app["args"]
+    args["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache-fuzz")
+    args["upscaler"]["models"] = args["upscaler"]["models"][:1]
+    args["face"] = {**args["face"], "models": args["face"]["models"][:1]}
+    args["limits"] = dict(FUZZ_LIMITS)
+    args["http"] = {**args.get("http", {}), "body_timeout_s": FUZZ_BODY_TIMEOUT_S}
+    return app
+
+
+API_KEYS = ("test-key-one", "test-key-two")  # the "nolib" app's keys
+
+
 def python_without(tmp: Path, library: str) -> Path:
-    """A venv whose site-packages links every entry of this one except `library` (and its metadata)."""
+    """A venv whose site-packages links every entry of this one except `library` (and its
+    metadata)."""
     env = tmp / f"venv-without-{library}"
     if not env.exists():
         venv.create(env, with_pip=False, symlinks=True)
@@ -93,40 +157,237 @@ def python_without(tmp: Path, library: str) -> Path:
     return env / "bin" / "python"
 
 
-class ServeApp:
-    def __init__(self, tmp: Path, weights: Path, gfpgan: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = tmp / "serve_test.yaml"
-        self.config.write_text(yaml.safe_dump(make_test_config(tmp, weights, gfpgan, self.port)))
-        self.log = tmp / "serve.log"
-        env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "disabled",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        # A fresh local cluster: never attach to one someone else runs here, never their weights.
-        env.pop("RAY_ADDRESS", None)
-        env.pop("HIRESFIX_WEIGHTS_DIR", None)
-        serve_bin = Path(sys.executable).with_name("serve")
+class RayHead:
+    """A Ray head of our own on free ports, for tests that need its address (to find and kill
+    replicas, redeploy, shut Serve down). `ray start --head --block` in its own session: stop()
+    ends that process group only; `ray stop` would end every Ray on the machine, others' too."""
+
+    def __init__(self, tmp: Path, num_cpus: int = 2, code: Path = REPO):
+        self.code = code  # where replicas import deployments/ and hiresfix/ from (snapshot_code)
+        ports = _free_ports(9)
+        self.port = ports[0]
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp / f"ray-head-{self.port}.log"
+        lo = _free_port_range(200)
+        cmd = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={ports[0]}",
+            f"--node-manager-port={ports[1]}",
+            f"--object-manager-port={ports[2]}",
+            f"--ray-client-server-port={ports[3]}",
+            f"--dashboard-agent-listen-port={ports[4]}",
+            f"--dashboard-agent-grpc-port={ports[5]}",
+            f"--runtime-env-agent-port={ports[6]}",
+            f"--metrics-export-port={ports[7]}",
+            f"--dashboard-port={ports[8]}",  # not started, but its port is still checked
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={lo + 199}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]
         self.proc = subprocess.Popen(
-            [str(serve_bin), "run", str(self.config)],
-            cwd=REPO,
-            env=env,
+            cmd,
+            cwd=code,
+            env=_serve_env(PYTHONPATH=str(code)),  # replicas import deployments.graph
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 300) -> None:
+    @classmethod
+    def start(cls, tmp: Path, code: Path = REPO, tries: int = 3) -> RayHead:
+        """A started head. On a loaded 2-core box the raylet sometimes gives up waiting for its
+        agents (~20 s, "Timed out waiting for file ...dashboard_agent_listen_port"): try again."""
+        for attempt in range(tries):
+            head = cls(tmp, code=code)
+            try:
+                head.wait_ready()
+                return head
+            except RuntimeError:
+                head.stop()
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited ({self.proc.returncode}):\n{self.log_tail()}")
+            if b"Ray runtime started" in self.log.read_bytes():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"Ray head not up after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        """SIGTERM to the head's process group (`ray start --block` then stops its raylet, GCS
+        and workers), then SIGKILL to whatever is left of its session (workers run in process
+        groups of their own, in the head's session)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in _session_pids(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Every process in session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state ppid pgrp session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def snapshot_code(tmp: Path) -> Path:
+    """A copy of the service's code (deployments/, hiresfix/) for a cluster whose replicas restart
+    during the test: a restarted replica imports the code on disk and unpickles its deployment by
+    name, so an edit in the working tree meanwhile (a renamed function) would stop it starting. As
+    in production, the cluster runs one fixed version of the code."""
+    import shutil
+
+    dest = tmp / "code"
+    for pkg in ("deployments", "hiresfix"):
+        shutil.copytree(
+            REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
+    return dest
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _free_port_range(n: int, lo: int = 20000, hi: int = 60000) -> int:
+    """The start of n consecutive ports none of which is bound now (for Ray's worker ports)."""
+    import random
+
+    for _ in range(50):
+        start = random.randrange(lo, hi - n)
+        try:
+            for p in range(start, start + n, 7):  # a sample: cheap, and clashes are rare
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+def _serve_env(**extra: str) -> dict:
+    env = {**os.environ, **TEST_ENV, **extra}
+    # A fresh local cluster: never attach to one someone else runs here, never their weights.
+    env.pop("RAY_ADDRESS", None)
+    env.pop("HIRESFIX_WEIGHTS_DIR", None)
+    return env
+
+
+class ServeApp:
+    """`serve run <config>` on a local Ray of its own; or, with `ray_address`, the config submitted
+    to that cluster (`serve run --non-blocking --address`), which then owns the app: deploy()
+    submits a changed config (a redeploy), stop() leaves the cluster to its owner."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        weights: Path,
+        gfpgan: Path,
+        *,
+        ray_address: str | None = None,
+        nolib: bool = True,
+        edit=None,
+        code: Path = REPO,
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ray_address, self.code = ray_address, code
+        self.prefixes = ("", "/nolib", "/fuzz") if nolib else ("",)
+        self.config = tmp / "serve_test.yaml"
+        cfg = make_test_config(tmp, weights, gfpgan, self.port, nolib=nolib)
+        if edit is not None:
+            edit(cfg)  # a test's own changes (replica counts, limits, ...)
+        self.cfg = cfg
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.log = tmp / "serve.log"
+        serve_bin = Path(sys.executable).with_name("serve")
+        cmd = [str(serve_bin), "run", str(self.config)]
+        if ray_address is not None:
+            cmd[2:2] = ["--non-blocking", "--address", ray_address]
+        else:  # "local": a fresh cluster. Without it `serve run` joins any `ray start` head on
+            # this machine (RayHead, another engineer's run) and redeploys that cluster's apps.
+            cmd[2:2] = ["--address", "local"]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=code,  # Ray puts the driver's directory on every replica's sys.path
+            env=_serve_env(),
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def deploy(self, cfg: dict, timeout: float = 60) -> None:
+        """Submit a changed config to the running cluster, as `serve deploy` would (no dashboard
+        needed): Serve rolls the changed deployments while requests keep running."""
+        assert self.ray_address is not None, "deploy() needs ServeApp(ray_address=...)"
+        self.cfg = cfg
+        self.config.write_text(yaml.safe_dump(cfg))
+        serve_bin = Path(sys.executable).with_name("serve")
+        done = subprocess.run(
+            [
+                str(serve_bin),
+                "run",
+                "--non-blocking",
+                "--address",
+                self.ray_address,
+                str(self.config),
+            ],
+            cwd=self.code,
+            env=_serve_env(),
+            capture_output=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"redeploy failed:\n{done.stdout[-3000:]!r}\n{done.stderr[-3000:]!r}"
+            )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            rc = self.proc.poll()
+            if rc is not None and (self.ray_address is None or rc != 0):
                 raise RuntimeError(f"serve run exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
-                if all(self._healthy(prefix) for prefix in ("", "/nolib")):
+                if all(self._healthy(prefix) for prefix in self.prefixes):
                     return
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
@@ -141,7 +402,10 @@ class ServeApp:
         return self.log.read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
-        # `serve run` ignores SIGINT when not interactive; SIGTERM shuts Serve and its local Ray down.
+        if self.ray_address is not None:  # the cluster's owner (RayHead.stop) ends it
+            return
+        # `serve run` ignores SIGINT when not interactive; SIGTERM shuts Serve and its local Ray
+        # down.
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

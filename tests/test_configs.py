@@ -6,12 +6,13 @@ import copy
 import json
 
 import jsonschema
+import pydantic
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.graph import AppArgs
-from tests.conftest import REPO
+from tests import REPO
 
 SCHEMA = REPO.parent / "shared" / "k8s" / "rayservice-v1.schema.json"
 CONFIGS = ["serve_config.yaml", "serve_config.cpu.yaml"]
@@ -39,7 +40,9 @@ def test_serve_config_validates_with_rays_schema(name):
         # A full queue answers 503 from Ray itself (our exception handler never sees it): only
         # backpressure_config puts the README's Retry-After on it.
         assert d.backpressure_config.retry_after_s, f"{d.name}: 503 without Retry-After"
-    assert cfg.http_options.request_timeout_s, "without a request timeout a stuck stage hangs clients"
+    assert cfg.http_options.request_timeout_s, (
+        "without a request timeout a stuck stage hangs clients"
+    )
 
 
 def test_cpu_profile_asks_for_no_gpu_and_listens_locally():
@@ -56,7 +59,10 @@ def test_gpu_profile_shares_a_gpu_and_autoscales_the_upscaler():
     up = deps["Upscaler"]
     assert 0 < up["ray_actor_options"]["num_gpus"] < 1
     assert up["autoscaling_config"]["max_replicas"] > up["autoscaling_config"]["min_replicas"]
-    total = sum(deps[n]["ray_actor_options"].get("num_gpus", 0) for n in ("SDXLBase", "Upscaler", "RefineFace"))
+    total = sum(
+        deps[n]["ray_actor_options"].get("num_gpus", 0)
+        for n in ("SDXLBase", "Upscaler", "RefineFace")
+    )
     assert total <= 1.0, "one copy of the graph must fit one GPU"
     args = load("serve_config.yaml")["applications"][0]["args"]
     assert args["upscaler"]["gpu_memory_fraction"] <= up["ray_actor_options"]["num_gpus"]
@@ -75,8 +81,11 @@ def test_rayservice_manifest_validates_and_embeds_the_serve_config():
     gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
     # Every deployment at its max_replicas must fit the GPU workers the cluster may start.
-    peak = sum(d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1))
-               * d["ray_actor_options"].get("num_gpus", 0) for d in embedded["applications"][0]["deployments"])
+    peak = sum(
+        d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1))
+        * d["ray_actor_options"].get("num_gpus", 0)
+        for d in embedded["applications"][0]["deployments"]
+    )
     group = spec["workerGroupSpecs"][0]
     assert peak <= group["maxReplicas"] * int(group["rayStartParams"]["num-gpus"]), peak
 
@@ -90,9 +99,29 @@ def test_schema_validation_can_fail():
         rayservice_validator().validate(bad)
     bad_cfg = load("serve_config.yaml")
     bad_cfg["applications"][0]["deployments"][0]["max_ongoing_requests"] = "many"
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="max_ongoing_requests"):
         ServeDeploySchema.model_validate(bad_cfg)
     bad_args = copy.deepcopy(load("serve_config.yaml")["applications"][0]["args"])
     bad_args["upscaler"]["tile_sise"] = 256
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="tile_sise"):
         AppArgs.model_validate(bad_args)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ingress_refuses_before_serve_queues(name):
+    # The ingress answers its own JSON 503 at http.max_in_flight: Serve's plain-text 503 (its
+    # queue full) must be out of reach, so max_ongoing_requests sits above the ingress bound.
+    app = load(name)["applications"][0]
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    assert ingress["max_ongoing_requests"] > AppArgs.model_validate(app["args"]).http.max_in_flight
+
+
+def test_api_keys_come_from_a_secret_never_from_yaml():
+    manifest = (REPO / "k8s" / "rayservice.yaml").read_text()
+    spec = yaml.safe_load(manifest)["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e for c in group["template"]["spec"]["containers"] for e in c["env"]}
+        assert env["HIRESFIX_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "hiresfix-api-keys"
+    for name in CONFIGS:
+        assert "HIRESFIX_API_KEYS" not in yaml.safe_dump(load(name)["applications"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+import skimage.data as skdata
 
-import cv2  # noqa: E402
-import skimage.data as skdata  # noqa: E402
-
-from hiresfix.face.align import FACE_SIZE, align_face, paste_face  # noqa: E402
-from hiresfix.face.detect import (  # noqa: E402
+from hiresfix.face.align import FACE_SIZE, align_face, paste_face
+from hiresfix.face.detect import (
     FFHQ_TEMPLATE_512,
     OpenCVFaceDetector,
     detection_scale,

@@ -9,27 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import skimage.data as skdata
 
-import torch  # noqa: E402
-import spandrel  # noqa: E402
-import skimage.data as skdata  # noqa: E402
-
-from hiresfix.face import FaceRestorer, FaceSettings  # noqa: E402
-from hiresfix.face.align import align_face  # noqa: E402
-from hiresfix.images import Picture  # noqa: E402
+from hiresfix.face import FaceRestorer, FaceSettings
+from hiresfix.face.align import align_face
+from hiresfix.images import Picture
 
 
 @pytest.fixture(scope="module")
 def gfpgan_restorer(random_gfpgan) -> FaceRestorer:
     """Loads conftest's session-wide random GFPGAN file (built once per run, shared with the
     service tests) through FaceRestorer, exactly like a released GFPGANv1.4 file."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    r = FaceRestorer.from_settings(
-        FaceSettings(weights_dir=str(random_gfpgan.parent), models=[{"name": "gfpgan", "file": random_gfpgan.name}])
+    return FaceRestorer.from_settings(
+        FaceSettings(
+            weights_dir=str(random_gfpgan.parent),
+            models=[{"name": "gfpgan", "file": random_gfpgan.name}],
+        )
     )
-    yield r
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def test_spandrel_detects_gfpgan(gfpgan_restorer):
     assert gfpgan_restorer.available()
     [info] = gfpgan_restorer.models_info()
     assert info.available and info.architecture == "GFPGAN" and info.kind == "face"
-    assert info.dtype == "float32" and info.default
+    assert info.dtype == "fp32" and info.default
 
 
 def test_gfpgan_restores_the_face_and_nothing_else(gfpgan_restorer, astronaut):

@@ -11,25 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+import skimage.data as skdata
+import torch
+from pydantic import ValidationError
 
-import torch  # noqa: E402
-import spandrel  # noqa: E402
-import skimage.data as skdata  # noqa: E402
-import cv2  # noqa: E402
-
-from pydantic import ValidationError  # noqa: E402
-
-from hiresfix.face import FaceModelSpec, FaceRestorer, FaceSettings, UnknownFaceModelError  # noqa: E402
-from hiresfix.face.align import align_face  # noqa: E402
-from hiresfix.images import Picture  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from hiresfix.face import FaceModelSpec, FaceRestorer, FaceSettings, UnknownFaceModelError
+from hiresfix.face.align import align_face
+from hiresfix.images import Picture
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +29,14 @@ def weights_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("face_weights")
     torch.manual_seed(0)
-    rf = RestoreFormer(n_embed=64, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32)
+    rf = RestoreFormer(
+        n_embed=64, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32
+    )
     state = {k: v.contiguous() for k, v in rf.state_dict().items()}
     save_file(state, str(d / "tiny_restoreformer.safetensors"))
-    torch.save({"params_ema": state}, d / "tiny_restoreformer_ema.pth")  # how GFPGAN releases wrap weights
+    torch.save(
+        {"params_ema": state}, d / "tiny_restoreformer_ema.pth"
+    )  # how GFPGAN releases wrap weights
     sr = Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=2, upscale=2)
     torch.save(sr.state_dict(), d / "compact_x2.pth")
     (d / "corrupt.pth").write_bytes(b"PK\x03\x04 this is not a torch file" * 100)
@@ -52,13 +44,18 @@ def weights_dir(tmp_path_factory):
 
 
 def _settings(weights_dir, *models, **kw) -> FaceSettings:
-    specs = [FaceModelSpec(name=n, file=f) if isinstance(f, str) else FaceModelSpec(name=n, **f) for n, f in models]
+    specs = [
+        FaceModelSpec(name=n, file=f) if isinstance(f, str) else FaceModelSpec(name=n, **f)
+        for n, f in models
+    ]
     return FaceSettings(weights_dir=str(weights_dir), models=specs, **kw)
 
 
 @pytest.fixture(scope="module")
 def tiny(weights_dir) -> FaceRestorer:
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors")))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"))
+    )
     assert r.available(), r.models_info()
     return r
 
@@ -93,7 +90,9 @@ def test_settings_validation(monkeypatch, tmp_path):
         FaceSettings(min_face_sise=10)  # typo: extra fields are refused
     with pytest.raises(ValidationError):
         FaceModelSpec(name="a", file="x", sha256="abc")
-    s = FaceSettings(models=[{"name": "a", "file": "a.pth"}, {"name": "b", "file": str(tmp_path / "b.pth")}])
+    s = FaceSettings(
+        models=[{"name": "a", "file": "a.pth"}, {"name": "b", "file": str(tmp_path / "b.pth")}]
+    )
     assert FaceSettings.model_validate(s.model_dump()) == s  # what the deployment receives
     assert s.default_name() == "a"
     monkeypatch.delenv("HIRESFIX_WEIGHTS_DIR", raising=False)
@@ -113,7 +112,9 @@ def test_pth_with_params_ema_loads_the_same_model(weights_dir, tiny, astronaut):
 
 def test_weights_dir_env_is_used_for_loading(monkeypatch, weights_dir):
     monkeypatch.setenv("HIRESFIX_WEIGHTS_DIR", str(weights_dir))
-    s = FaceSettings(weights_dir="/nonexistent", models=[{"name": "t", "file": "tiny_restoreformer.safetensors"}])
+    s = FaceSettings(
+        weights_dir="/nonexistent", models=[{"name": "t", "file": "tiny_restoreformer.safetensors"}]
+    )
     r = FaceRestorer.from_settings(s)
     assert r.available()
 
@@ -141,7 +142,12 @@ def test_missing_weight_file(weights_dir, astronaut, caplog):
     assert "GFPGANv1.4.pth" in caplog.text
     assert not r.available()
     [info] = r.models_info()
-    assert info.kind == "face" and not info.available and info.default and info.reason == "weights_missing"
+    assert (
+        info.kind == "face"
+        and not info.available
+        and info.default
+        and info.reason == "weights_missing"
+    )
     assert "not found" in info.detail
     _assert_unchanged(r, astronaut, "weights_missing")
 
@@ -178,7 +184,9 @@ def test_not_a_face_model(weights_dir, astronaut):
 
 def test_spandrel_not_importable(monkeypatch, weights_dir, astronaut):
     monkeypatch.setitem(sys.modules, "spandrel", None)
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors")))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"))
+    )
     assert not r.available()
     [info] = r.models_info()
     assert info.reason == "not_installed" and "spandrel" in info.detail
@@ -187,7 +195,9 @@ def test_spandrel_not_importable(monkeypatch, weights_dir, astronaut):
 
 def test_opencv_not_importable(monkeypatch, weights_dir, astronaut):
     monkeypatch.setitem(sys.modules, "cv2", None)
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors")))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"))
+    )
     assert not r.available()
     assert r.models_info()[0].reason == "not_installed"
     _assert_unchanged(r, astronaut, "not_installed")
@@ -195,7 +205,9 @@ def test_opencv_not_importable(monkeypatch, weights_dir, astronaut):
 
 def test_cuda_requested_without_cuda(weights_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # same answer on a GPU machine
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"), device="cuda"))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"), device="cuda")
+    )
     assert not r.available() and "cuda" in r.models_info()[0].detail
 
 
@@ -212,7 +224,7 @@ def test_unknown_model_name(tiny, astronaut):
 def test_models_info_loaded(tiny):
     [info] = tiny.models_info()
     assert info.available and info.default and info.architecture == "RestoreFormer"
-    assert info.device == "cpu" and info.dtype == "float32" and info.reason is None
+    assert info.device == "cpu" and info.dtype == "fp32" and info.reason is None
 
 
 def test_no_face_leaves_image_unchanged(tiny):
@@ -244,7 +256,9 @@ def test_weight_blends_linearly_and_only_inside_the_face(tiny, astronaut):
     changed = _assert_changes_inside(astronaut.rgb, full.rgb, _regions(tiny, astronaut))
     assert changed[100:140, 200:250].all()  # the eyes/nose area is replaced
     assert changed.sum() > 5000
-    np.testing.assert_allclose(part.rgb - astronaut.rgb, 0.3 * (full.rgb - astronaut.rgb), atol=2e-5)
+    np.testing.assert_allclose(
+        part.rgb - astronaut.rgb, 0.3 * (full.rgb - astronaut.rgb), atol=2e-5
+    )
     assert astronaut.rgb.dtype == full.rgb.dtype == np.float32
     # Deterministic: the same request gives the same pixels.
     again, _ = tiny.restore(astronaut, 1.0)
@@ -260,18 +274,24 @@ def test_alpha_16bit_grayscale_kept(tiny, astronaut):
     assert out.bit_depth == 16 and out.grayscale and out.info == {"source_format": "png"}
     assert np.array_equal(out.alpha, alpha)
     assert np.any(out.rgb != pic.rgb)
-    assert np.array_equal(out.rgb[..., 0], out.rgb[..., 1]) and np.array_equal(out.rgb[..., 1], out.rgb[..., 2])
+    assert np.array_equal(out.rgb[..., 0], out.rgb[..., 1]) and np.array_equal(
+        out.rgb[..., 1], out.rgb[..., 2]
+    )
     assert np.array_equal(pic.rgb, gray)  # the input is not modified in place
 
 
 def test_two_faces_and_max_faces(weights_dir, astronaut):
     canvas = Picture(np.ascontiguousarray(np.hstack([astronaut.rgb, astronaut.rgb[:, ::-1]])))
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"), max_faces=1))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"), max_faces=1)
+    )
     one, info = r.restore(canvas, 1.0)
     assert info.applied and info.faces_found == 2 and r.last_timings.faces == 1
     changed = np.any(one.rgb != canvas.rgb, axis=2)
     assert changed[:, :512].any() != changed[:, 512:].any()  # exactly one side touched
-    r = FaceRestorer.from_settings(_settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors")))
+    r = FaceRestorer.from_settings(
+        _settings(weights_dir, ("tiny", "tiny_restoreformer.safetensors"))
+    )
     both, info = r.restore(canvas, 1.0)
     assert info.faces_found == 2
     changed = _assert_changes_inside(canvas.rgb, both.rgb, _regions(r, canvas))
@@ -302,8 +322,10 @@ def _cpu_alloc_error() -> BaseException:
     raise AssertionError("a 1 EiB allocation succeeded")
 
 
-@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                 _cpu_alloc_error()])
+@pytest.mark.parametrize(
+    "exc",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), _cpu_alloc_error()],
+)
 def test_oom_is_reported_as_such(tiny, astronaut, exc):
     def oom(module, args):
         raise exc

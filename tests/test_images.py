@@ -23,11 +23,19 @@ def _png(im: Image.Image, **kw) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but carries (almost) no pixel data: a bomb probe."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _rgb(seed=0, h=20, w=30) -> np.ndarray:
@@ -35,7 +43,9 @@ def _rgb(seed=0, h=20, w=30) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("junk", [b"hello world, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"\xff\xd8\xff"])
+@pytest.mark.parametrize(
+    "junk", [b"hello world, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"\xff\xd8\xff"]
+)
 def test_junk_bytes_are_400(junk):
     with pytest.raises(ImageInputError) as e:
         decode_image(junk)
@@ -64,7 +74,9 @@ def test_decompression_bomb_is_413(side):
 
 def test_too_long_base64_is_413_before_decoding():
     with pytest.raises(ImageInputError, match="limit is 100 bytes") as e:
-        decode_image("!" * 10_000, max_bytes=100)  # not even base64 (400), but refused for its length first
+        decode_image(
+            "!" * 10_000, max_bytes=100
+        )  # not even base64 (400), but refused for its length first
     assert e.value.status == 413
 
 
@@ -93,7 +105,7 @@ def test_truncated_png_is_400():
 def test_base64_data_url_and_wrapped_lines():
     raw = _png(Image.fromarray(_rgb()))
     b64 = base64.b64encode(raw).decode()
-    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
     for s in (b64, "data:image/png;base64," + b64, wrapped):
         assert decode_image(s).size == (30, 20)
 
@@ -127,8 +139,12 @@ def test_16bit_grey_png_round_trip():
 def test_16bit_grey_alpha_png_round_trip():
     rng = np.random.default_rng(3)
     g, a = rng.integers(0, 65536, (2, 7, 11), dtype=np.uint16)
-    pic = Picture(np.repeat((g / 65535).astype(np.float32)[..., None], 3, 2), (a / 65535).astype(np.float32),
-                  bit_depth=16, grayscale=True)
+    pic = Picture(
+        np.repeat((g / 65535).astype(np.float32)[..., None], 3, 2),
+        (a / 65535).astype(np.float32),
+        bit_depth=16,
+        grayscale=True,
+    )
     data = encode_image(pic)
     assert data[24] == 16 and data[25] == 4  # IHDR: 16-bit grey+alpha
     back = decode_image(data)
@@ -158,14 +174,18 @@ def test_grayscale_and_la():
 def test_palette_with_transparency_and_colour_key():
     p = Image.fromarray(_rgb()).quantize(8)
     pic = decode_image(_png(p, transparency=0))
-    assert pic.alpha is not None and set(np.unique(pic.alpha)) <= {0.0, 1.0} and pic.alpha.min() == 0
+    assert (
+        pic.alpha is not None and set(np.unique(pic.alpha)) <= {0.0, 1.0} and pic.alpha.min() == 0
+    )
     rgb = Image.new("RGB", (4, 4), (10, 20, 30))
     rgb.putpixel((1, 1), (1, 2, 3))
     pic = decode_image(_png(rgb, transparency=(1, 2, 3)))
     assert pic.alpha is not None and pic.alpha[1, 1] == 0 and pic.alpha[0, 0] == 1
 
 
-@pytest.mark.parametrize("orientation,size", [(1, (24, 40)), (3, (24, 40)), (6, (40, 24)), (8, (40, 24))])
+@pytest.mark.parametrize(
+    "orientation,size", [(1, (24, 40)), (3, (24, 40)), (6, (40, 24)), (8, (40, 24))]
+)
 def test_exif_orientation_jpeg(orientation, size):
     a = _rgb(h=40, w=24)
     exif = Image.Exif()
@@ -181,7 +201,12 @@ def test_exif_orientation_16bit_png():
     exif = Image.Exif()
     exif[0x0112] = 6
     body = exif.tobytes()
-    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    chunk = (
+        struct.pack(">I", len(body))
+        + b"eXIf"
+        + body
+        + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    )
     raw = raw[:33] + chunk + raw[33:]  # after IHDR
     pic = decode_image(raw)
     assert pic.bit_depth == 16 and pic.size == (6, 10)
@@ -222,7 +247,13 @@ def test_cmyk_profile_is_not_embedded_in_rgb_output():
     # A CMYK JPEG's ICC profile describes CMYK data; the RGB pixels we give back must not carry it
     # (colour-managed viewers would misread or reject the file).
     icc = bytearray(132)
-    icc[0:4], icc[12:16], icc[16:20], icc[20:24], icc[36:40] = (132).to_bytes(4, "big"), b"prtr", b"CMYK", b"Lab ", b"acsp"
+    icc[0:4], icc[12:16], icc[16:20], icc[20:24], icc[36:40] = (
+        (132).to_bytes(4, "big"),
+        b"prtr",
+        b"CMYK",
+        b"Lab ",
+        b"acsp",
+    )
     buf = io.BytesIO()
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(buf, "JPEG", icc_profile=bytes(icc))
     pic = decode_image(buf.getvalue())
@@ -235,11 +266,19 @@ def test_cmyk_profile_is_not_embedded_in_rgb_output():
 def test_16bit_grey_colour_key_transparency_becomes_alpha():
     # tRNS on a 16-bit grey PNG (PIL opens it as I;16): the keyed grey value is transparent.
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     g = np.array([[0, 1000], [65535, 1000]], dtype=">u2")
     rows = b"".join(b"\x00" + g[i].tobytes() for i in range(2))
-    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 0, 0, 0, 0))
-           + chunk(b"tRNS", struct.pack(">H", 1000)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    raw = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 0, 0, 0, 0))
+        + chunk(b"tRNS", struct.pack(">H", 1000))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     pic = decode_image(raw)
     assert pic.bit_depth == 16 and pic.grayscale
     assert pic.alpha is not None and pic.alpha.tolist() == [[1.0, 0.0], [1.0, 0.0]]

@@ -5,23 +5,54 @@ from __future__ import annotations
 import pytest
 
 from hiresfix.cli import progress_line
-from hiresfix.progress import ProgressBoard, generate_plan
-from hiresfix.schemas import GenerateRequest
+from hiresfix.plan import generate_plan, steps_of, upscale_plan
+from hiresfix.progress import ProgressBoard
+from hiresfix.schemas import GenerateRequest, UpscaleRequest
 
 
 def req(**kw) -> GenerateRequest:
     return GenerateRequest(prompt="x", **kw)
 
 
+def plan(r: GenerateRequest) -> dict[str, int]:
+    return steps_of(generate_plan(r))
+
+
 def test_plan_follows_the_step_rules():
-    assert generate_plan(req(num_inference_steps=30)) == {"base": 30}
-    assert generate_plan(req(num_inference_steps=30, hires_fix=True)) == {"base": 30, "upscale": 1, "hires": 15}
-    assert generate_plan(req(hires_fix=True, hires_steps=150, denoising_strength=0.01))["hires"] == 10
-    assert generate_plan(req(num_inference_steps=3, hires_fix=True, denoising_strength=0.1))["hires"] == 1
-    ens = generate_plan(req(num_inference_steps=20, refiner_switch_at=0.8, use_face_restoration=True))
+    assert plan(req(num_inference_steps=30)) == {"base": 30}
+    assert plan(req(num_inference_steps=30, hires_fix=True)) == {
+        "base": 30,
+        "upscale": 1,
+        "hires": 15,
+    }
+    assert plan(req(hires_fix=True, hires_steps=150, denoising_strength=0.01))["hires"] == 10
+    assert plan(req(num_inference_steps=3, hires_fix=True, denoising_strength=0.1))["hires"] == 1
+    ens = plan(req(num_inference_steps=20, refiner_switch_at=0.8, use_face_restoration=True))
     assert ens == {"base": 16, "finish": 4, "face": 1}
-    assert list(generate_plan(req(refiner_switch_at=0.5, hires_fix=True, use_face_restoration=True))) == [
-        "base", "finish", "upscale", "hires", "face"]
+    assert list(plan(req(refiner_switch_at=0.5, hires_fix=True, use_face_restoration=True))) == [
+        "base",
+        "finish",
+        "upscale",
+        "hires",
+        "face",
+    ]
+
+
+def test_plan_calls_are_what_the_ingress_chains():
+    r = req(
+        width=64, height=64, hires_fix=True, use_face_restoration=True, face_model="f", upscaler="u"
+    )
+    calls = [(c.deployment, c.method, c.args) for c in generate_plan(r, "rid-1")]
+    assert calls == [
+        ("base", "generate", (r, "rid-1")),
+        ("upscaler", "upscale", ((128, 128), "u", True)),
+        ("refine", "hires", (r,)),
+        ("refine", "restore_faces", (0.6, "f")),
+    ]
+    up = UpscaleRequest(image="x", use_realesrgan=False)
+    assert [(c.stage, c.args) for c in upscale_plan(up, (30, 20))] == [
+        ("upscale", ((30, 20), None, False))
+    ]
 
 
 class Clock:
@@ -47,7 +78,11 @@ def test_board_tracks_fraction_eta_and_end_states():
     assert b.get("r1").step == 23
     b.report("r1", "hires", 3)  # a later stage: everything before it is finished
     info = b.get("r1")
-    assert info.progress == pytest.approx(34 / 46, abs=1e-4) and info.plan == {"base": 30, "upscale": 1, "hires": 15}
+    assert info.progress == pytest.approx(34 / 46, abs=1e-4) and info.plan == {
+        "base": 30,
+        "upscale": 1,
+        "hires": 15,
+    }
     b.report("r1", "hires", 99)  # capped at the plan
     assert b.get("r1").step == 15
     assert b.get("r1").progress == 0.99, "100% only once the answer is out"

@@ -12,7 +12,11 @@ def test_defaults_match_the_client_contract():
     r = GenerateRequest(prompt="a cat")
     assert (r.width, r.height, r.num_inference_steps) == (768, 768, 30)
     assert (r.hires_fix, r.hires_scale, r.hires_steps, r.use_realesrgan) == (False, 2.0, 0, True)
-    assert (r.use_face_restoration, r.face_restoration_weight, r.output_format) == (False, 0.6, "png")
+    assert (r.use_face_restoration, r.face_restoration_weight, r.output_format) == (
+        False,
+        0.6,
+        "png",
+    )
     assert r.output_size() == (768, 768)
     assert r.model_copy(update={"hires_fix": True}).output_size() == (1536, 1536)
     assert UpscaleRequest(image="x").scale == 2.0
@@ -34,18 +38,28 @@ def test_messages_say_what_to_change():
     assert "try 96 or 104" in errors(prompt="x", width=100)["width"]
     assert "some text" in errors(prompt="   ")["prompt"]
     assert "extra" in errors(prompt="x", hires_fixx=True)["hires_fixx"].lower()
-    assert "less than or equal to 4" in errors(prompt="x", hires_fix=True, hires_scale=4.5)["hires_scale"]
+    assert (
+        "less than or equal to 4"
+        in errors(prompt="x", hires_fix=True, hires_scale=4.5)["hires_scale"]
+    )
 
 
 def test_hires_resize_to_a1111_style():
-    """hires_width/hires_height replace hires_scale; alone, the other side follows the aspect ratio."""
+    """hires_width/hires_height replace hires_scale; alone, the other side follows the aspect
+    ratio."""
     g = lambda **kw: GenerateRequest(prompt="x", hires_fix=True, **kw)  # noqa: E731
     assert g(hires_width=1024).output_size() == (1024, 1024)
     assert g(width=64, height=96, hires_height=144).output_size() == (96, 144)
     assert g(width=832, height=1216, hires_width=1248).output_size() == (1248, 1824)
     assert g(hires_width=1024, hires_height=1024, hires_scale=4).output_size() == (1024, 1024)
-    assert GenerateRequest(prompt="x", hires_width=512).output_size() == (768, 768)  # no hires_fix: unused
-    assert "enlarges: 512 is below the base width 768" in errors(prompt="x", hires_fix=True, hires_width=512)["hires_width"]
+    assert GenerateRequest(prompt="x", hires_width=512).output_size() == (
+        768,
+        768,
+    )  # no hires_fix: unused
+    assert (
+        "enlarges: 512 is below the base width 768"
+        in errors(prompt="x", hires_fix=True, hires_width=512)["hires_width"]
+    )
     msg = errors(prompt="x", hires_fix=True, hires_width=1024, hires_height=1536)["hires_height"]
     assert "changes the aspect ratio of 768x768" in msg and "hires_height 1024" in msg
     assert "try 1000 or 1008" in errors(prompt="x", hires_fix=True, hires_width=1001)["hires_width"]

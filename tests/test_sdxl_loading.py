@@ -3,29 +3,20 @@ start-up with the file named, and each setting takes effect."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download
-os.environ["OMP_NUM_THREADS"] = "1"  # 2 threads on the 2-core CI box: 50x slower
+import numpy as np
+import pydantic
+import pytest
+import torch
+from safetensors.torch import save_file
 
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pydantic  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-torch.set_num_threads(1)
-
-from tests.sdxl_fixtures import *  # noqa: E402,F401,F403
-from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled  # noqa: E402
-
-from hiresfix.sdxl import (  # noqa: E402
+from hiresfix.sdxl import (
     BaseStage,
     ModelLoadError,
     RefineStage,
@@ -33,10 +24,10 @@ from hiresfix.sdxl import (  # noqa: E402
     build_tiny_sdxl,
     load_base_pipeline,
     load_refine_pipeline,
-    save_single_file,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled
+from tests.single_file_writer import save_single_file
 
 
 def config_only_copy(folder: Path, dest: Path) -> Path:
@@ -89,7 +80,9 @@ def test_diffusers_folder_round_trip(base_pipe, base_stage, tmp_path):
 def test_diffusers_folder_variant(base_pipe, base_stage, tmp_path):
     base_pipe.save_pretrained(tmp_path / "fp16-named", variant="fp16")
     assert (tmp_path / "fp16-named" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    image = first_image(SDXLSettings(source="diffusers", path=str(tmp_path / "fp16-named"), variant="fp16"))
+    image = first_image(
+        SDXLSettings(source="diffusers", path=str(tmp_path / "fp16-named"), variant="fp16")
+    )
     assert np.array_equal(image, pixels(base_stage.run(make_req())))
     with pytest.raises(ModelLoadError, match="fp16-named"):
         load_base_pipeline(SDXLSettings(source="diffusers", path=str(tmp_path / "fp16-named")))
@@ -134,7 +127,11 @@ def test_hub_id_from_local_cache_offline(tiny_cache_dir, base_stage, tmp_path):
     out = tmp_path / "hub.npy"
     proc = subprocess.run(
         [sys.executable, "-c", _HUB_SCRIPT, "hiresfix-test/tiny-sdxl", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(np.load(out), pixels(base_stage.run(make_req())))
@@ -158,11 +155,15 @@ def test_single_file_refiner_round_trip(tiny_cache_dir, refiner_stage, base_stag
     ckpt = tmp_path / "tiny-refiner.safetensors"
     save_single_file(refiner_stage.pipe, ckpt)
     cfg = config_only_copy(tiny_cache_dir / "tiny-sdxl-refiner", tmp_path / "config")
-    s = SDXLSettings(refiner_source="single_file", refiner_path=str(ckpt), refiner_single_file_config=str(cfg))
+    s = SDXLSettings(
+        refiner_source="single_file", refiner_path=str(ckpt), refiner_single_file_config=str(cfg)
+    )
     stage = RefineStage(load_refine_pipeline(s))
     assert stage.pipe.text_encoder is None and stage.pipe.config.requires_aesthetics_score
     up = upscaled(base_stage.run(make_req(hires_fix=True)))
-    assert same(stage.hires(up, make_req(hires_fix=True)), refiner_stage.hires(up, make_req(hires_fix=True)))
+    assert same(
+        stage.hires(up, make_req(hires_fix=True)), refiner_stage.hires(up, make_req(hires_fix=True))
+    )
 
 
 # --- bad files fail at load, naming the file ----------------------------------------------------
@@ -182,29 +183,58 @@ def bad(tmp_path, base_pipe, tiny_cache_dir):
     unet_file.write_bytes(unet_file.read_bytes()[:5000])
     swapped = tmp_path / "swapped"  # readable files, wrong model: the VAE's weights as the UNet's
     shutil.copytree(tiny_cache_dir / "tiny-sdxl", swapped)
-    shutil.copy(swapped / "vae" / "diffusion_pytorch_model.safetensors",
-                swapped / "unet" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        swapped / "vae" / "diffusion_pytorch_model.safetensors",
+        swapped / "unet" / "diffusion_pytorch_model.safetensors",
+    )
     no_index = tmp_path / "no_index"
     shutil.copytree(tiny_cache_dir / "tiny-sdxl", no_index)
     (no_index / "model_index.json").unlink()
-    return dict(garbage=garbage, foreign=foreign, ckpt=ckpt, truncated=truncated, swapped=swapped,
-                no_index=no_index, cfg=tiny_cache_dir / "tiny-sdxl", tmp=tmp_path)
+    return dict(
+        garbage=garbage,
+        foreign=foreign,
+        ckpt=ckpt,
+        truncated=truncated,
+        swapped=swapped,
+        no_index=no_index,
+        cfg=tiny_cache_dir / "tiny-sdxl",
+        tmp=tmp_path,
+    )
 
 
 CASES = {
-    "unreadable single file": (lambda b: dict(source="single_file", path=str(b["garbage"]),
-                                                single_file_config=str(b["cfg"])), "garbage.safetensors"),
-    "not an SDXL checkpoint": (lambda b: dict(source="single_file", path=str(b["foreign"]),
-                                                single_file_config=str(b["cfg"])), "RealESRGAN_x4plus.safetensors"),
-    "missing single file": (lambda b: dict(source="single_file", path=str(b["tmp"] / "nope.safetensors")),
-                            "nope.safetensors"),
-    "single file without config, offline": (lambda b: dict(source="single_file", path=str(b["ckpt"])),
-                                            "good-base.safetensors"),
-    "missing folder": (lambda b: dict(source="diffusers", path=str(b["tmp"] / "nowhere")), "nowhere"),
-    "folder without model_index.json": (lambda b: dict(source="diffusers", path=str(b["no_index"])),
-                                        "model_index.json"),
-    "truncated weights": (lambda b: dict(source="diffusers", path=str(b["truncated"])),
-                          str(Path("truncated") / "unet" / "diffusion_pytorch_model.safetensors")),
+    "unreadable single file": (
+        lambda b: dict(
+            source="single_file", path=str(b["garbage"]), single_file_config=str(b["cfg"])
+        ),
+        "garbage.safetensors",
+    ),
+    "not an SDXL checkpoint": (
+        lambda b: dict(
+            source="single_file", path=str(b["foreign"]), single_file_config=str(b["cfg"])
+        ),
+        "RealESRGAN_x4plus.safetensors",
+    ),
+    "missing single file": (
+        lambda b: dict(source="single_file", path=str(b["tmp"] / "nope.safetensors")),
+        "nope.safetensors",
+    ),
+    "single file without config, offline": (
+        lambda b: dict(source="single_file", path=str(b["ckpt"])),
+        "good-base.safetensors",
+    ),
+    "missing folder": (
+        lambda b: dict(source="diffusers", path=str(b["tmp"] / "nowhere")),
+        "nowhere",
+    ),
+    "folder without model_index.json": (
+        lambda b: dict(source="diffusers", path=str(b["no_index"])),
+        "model_index.json",
+    ),
+    "truncated weights": (
+        lambda b: dict(source="diffusers", path=str(b["truncated"])),
+        str(Path("truncated") / "unet" / "diffusion_pytorch_model.safetensors"),
+    ),
     "wrong weights": (lambda b: dict(source="diffusers", path=str(b["swapped"])), "swapped"),
     "vae_path not there": (lambda b: dict(vae_path=str(b["tmp"] / "no-vae-here")), "no-vae-here"),
     "vae hub id not cached": (lambda b: dict(vae_path="nobody/no-such-vae"), "nobody/no-such-vae"),
@@ -221,8 +251,11 @@ def test_bad_weights_fail_at_load_naming_the_file(bad, case, tiny_cache_dir):
 
 
 def test_base_checkpoint_refused_as_refiner(bad):
-    s = SDXLSettings(refiner_source="single_file", refiner_path=str(bad["ckpt"]),
-                     refiner_single_file_config=str(bad["cfg"]))
+    s = SDXLSettings(
+        refiner_source="single_file",
+        refiner_path=str(bad["ckpt"]),
+        refiner_single_file_config=str(bad["cfg"]),
+    )
     with pytest.raises(ModelLoadError, match="good-base.safetensors.*refiner"):
         load_refine_pipeline(s)
 
@@ -245,9 +278,13 @@ def test_refine_pipeline_shares_the_base_modules(tiny_settings, base_pipe):
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer"):
         assert getattr(ref, name) is getattr(base_pipe, name), name
     assert base_pipe.unet.dtype == torch.float32  # from_pipe did not recast the shared modules
-    alone = load_refine_pipeline(tiny_settings)  # a refine replica of its own loads the base weights
+    alone = load_refine_pipeline(
+        tiny_settings
+    )  # a refine replica of its own loads the base weights
     assert alone.unet is not base_pipe.unet
-    assert all(torch.equal(a, b) for a, b in zip(alone.unet.parameters(), base_pipe.unet.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(alone.unet.parameters(), base_pipe.unet.parameters())
+    )
 
 
 def test_separate_refiner_is_the_refiner(refiner_stage):
@@ -270,7 +307,9 @@ def test_device_and_dtype(tiny_settings):
             load_base_pipeline(s.model_copy(update={"device": "cuda"}))
 
 
-def test_half_precision_with_an_upcasting_vae_serialises_calls(tiny_settings, tiny_cache_dir, base_pipe, tmp_path):
+def test_half_precision_with_an_upcasting_vae_serialises_calls(
+    tiny_settings, tiny_cache_dir, base_pipe, tmp_path
+):
     """diffusers casts a force_upcast VAE to float32 and back inside each call: such pipelines run
     one call at a time, and overlapping requests still give the pictures of sequential ones."""
     from concurrent.futures import ThreadPoolExecutor
@@ -290,7 +329,9 @@ def test_half_precision_with_an_upcasting_vae_serialises_calls(tiny_settings, ti
     with ThreadPoolExecutor(3) as pool:
         assert all(same(a, b) for a, b in zip(sequential, pool.map(full, reqs)))
     # An fp16-safe VAE (force_upcast false) lets calls overlap.
-    vae = type(pipe.vae).from_pretrained(tiny_cache_dir / "tiny-sdxl", subfolder="vae", force_upcast=False)
+    vae = type(pipe.vae).from_pretrained(
+        tiny_cache_dir / "tiny-sdxl", subfolder="vae", force_upcast=False
+    )
     vae.save_pretrained(tmp_path / "fp16-fix")
     fixed = load_base_pipeline(
         tiny_settings.model_copy(update={"dtype": "bf16", "vae_path": str(tmp_path / "fp16-fix")})
@@ -315,20 +356,26 @@ def test_vae_tiling_setting(tiny_settings, base_pipe):
 
 def test_compile_setting(tiny_settings):
     pipe = load_base_pipeline(tiny_settings.model_copy(update={"compile": True}))
-    assert pipe.unet._compiled_call_impl is not None  # compiled in place; not run here (slow on CPU)
+    assert (
+        pipe.unet._compiled_call_impl is not None
+    )  # compiled in place; not run here (slow on CPU)
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
 
 
 def test_vae_path_replaces_the_vae(tiny_settings, tiny_cache_dir, base_pipe, base_stage, tmp_path):
     # A whole pipeline folder: its vae/ is used (here the same weights: same pixels).
-    same_vae = load_base_pipeline(tiny_settings.model_copy(update={"vae_path": str(tiny_cache_dir / "tiny-sdxl")}))
+    same_vae = load_base_pipeline(
+        tiny_settings.model_copy(update={"vae_path": str(tiny_cache_dir / "tiny-sdxl")})
+    )
     assert same(BaseStage(same_vae).run(make_req()), base_stage.run(make_req()))
     # A VAE folder with other weights: other pixels, same latents.
     vae = type(base_pipe.vae).from_pretrained(tiny_cache_dir / "tiny-sdxl", subfolder="vae")
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.2)
     vae.save_pretrained(tmp_path / "other-vae")
-    other = load_base_pipeline(tiny_settings.model_copy(update={"vae_path": str(tmp_path / "other-vae")}))
+    other = load_base_pipeline(
+        tiny_settings.model_copy(update={"vae_path": str(tmp_path / "other-vae")})
+    )
     assert not same(BaseStage(other).run(make_req()), base_stage.run(make_req()))
 
 

@@ -17,13 +17,17 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from tests.serve_harness import API_KEYS
+
 pytestmark = pytest.mark.serve
 
 TINY = {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 1234}
 
 
-def post(service, path, body, timeout=300):
-    return httpx.post(service.url + path, json=body, timeout=timeout)
+def post(service, path, body, timeout=300, headers=None):
+    if path.startswith("/nolib/"):  # that app checks API keys
+        headers = {"authorization": f"Bearer {API_KEYS[0]}", **(headers or {})}
+    return httpx.post(service.url + path, json=body, timeout=timeout, headers=headers)
 
 
 def decode(b64: str) -> Image.Image:
@@ -84,7 +88,13 @@ def test_openapi_documents_the_schemas(service):
     spec = ok(httpx.get(service.url + "/openapi.json", timeout=30))
     assert {"/generate", "/upscale", "/health", "/models"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert {"prompt", "hires_fix", "hires_scale", "use_realesrgan", "face_restoration_weight"} <= set(props)
+    assert {
+        "prompt",
+        "hires_fix",
+        "hires_scale",
+        "use_realesrgan",
+        "face_restoration_weight",
+    } <= set(props)
     assert httpx.get(service.url + "/docs", timeout=30).status_code == 200
 
 
@@ -107,7 +117,13 @@ def test_generate_random_seed_is_returned_and_reproduces(service):
 
 
 def test_generate_hires_with_realesrgan(service):
-    r = ok(post(service, "/generate", {"prompt": "a castle", **TINY, "hires_fix": True, "hires_scale": 2.0}))
+    r = ok(
+        post(
+            service,
+            "/generate",
+            {"prompt": "a castle", **TINY, "hires_fix": True, "hires_scale": 2.0},
+        )
+    )
     assert decode(r["image"]).size == (128, 128)
     assert r["upscaler_used"] == "realesr-animevideov3"
     assert r["fallback_reason"] is None
@@ -123,22 +139,43 @@ def test_generate_hires_realesrgan_off_uses_lanczos(service):
 
 
 def test_generate_hires_fractional_scale_snaps_to_8(service):
-    body = {"prompt": "a boat", **TINY, "width": 64, "height": 96, "hires_fix": True, "hires_scale": 1.5}
+    body = {
+        "prompt": "a boat",
+        **TINY,
+        "width": 64,
+        "height": 96,
+        "hires_fix": True,
+        "hires_scale": 1.5,
+    }
     r = ok(post(service, "/generate", body))
     assert decode(r["image"]).size == (96, 144)
 
 
 def test_generate_hires_resize_to_width(service):
-    """A1111's "Resize width to": the height follows the base's aspect ratio, through the upscaler."""
-    body = {"prompt": "a boat", **TINY, "width": 64, "height": 96, "hires_fix": True, "hires_width": 112}
+    """A1111's "Resize width to": the height follows the base's aspect ratio, through the
+    upscaler."""
+    body = {
+        "prompt": "a boat",
+        **TINY,
+        "width": 64,
+        "height": 96,
+        "hires_fix": True,
+        "hires_width": 112,
+    }
     r = ok(post(service, "/generate", body))
     assert decode(r["image"]).size == (112, 168) and r["upscaler_used"] == "realesr-animevideov3"
 
 
 def test_generate_ensemble_of_experts_then_hires(service):
     # base -> RefineFace.finish (from the switch point) -> Upscaler -> RefineFace.hires
-    body = {"prompt": "a harbour", **TINY, "num_inference_steps": 6, "refiner_switch_at": 0.5,
-            "hires_fix": True, "scheduler": "euler"}
+    body = {
+        "prompt": "a harbour",
+        **TINY,
+        "num_inference_steps": 6,
+        "refiner_switch_at": 0.5,
+        "hires_fix": True,
+        "scheduler": "euler",
+    }
     r = ok(post(service, "/generate", body))
     assert decode(r["image"]).size == (128, 128) and r["upscaler_used"] == "realesr-animevideov3"
     # The refine model here is the base weights, so handing over at 0.5 across two replicas must
@@ -149,7 +186,13 @@ def test_generate_ensemble_of_experts_then_hires(service):
 
 
 def test_generate_num_images_and_formats(service):
-    r = ok(post(service, "/generate", {"prompt": "tulips", **TINY, "num_images": 2, "output_format": "jpeg"}))
+    r = ok(
+        post(
+            service,
+            "/generate",
+            {"prompt": "tulips", **TINY, "num_images": 2, "output_format": "jpeg"},
+        )
+    )
     assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2
     assert r["images"][0] != r["images"][1]
     assert decode(r["images"][1]).format == "JPEG"
@@ -172,11 +215,18 @@ def test_upscale_bits_do_not_depend_on_concurrent_requests(service):
     # Concurrent requests share forward passes (@serve.batch); a request's pixels must not change.
     a = {"image": png_b64(astronaut(64)), "scale": 2}
     alone = ok(post(service, "/upscale", a))["image"]
-    others = [{"image": png_b64(np.asarray(Image.fromarray(data.coffee()).resize((s, s)))), "scale": 2} for s in (48, 64, 80)]
+    others = [
+        {"image": png_b64(np.asarray(Image.fromarray(data.coffee()).resize((s, s)))), "scale": 2}
+        for s in (48, 64, 80)
+    ]
     for _ in range(3):
         out = {}
-        threads = [threading.Thread(target=lambda i=i, b=b: out.__setitem__(i, post(service, "/upscale", b)))
-                   for i, b in enumerate([a, *others])]
+        threads = [
+            threading.Thread(
+                target=lambda i=i, b=b, out=out: out.__setitem__(i, post(service, "/upscale", b))
+            )
+            for i, b in enumerate([a, *others])
+        ]
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert ok(out[0])["image"] == alone
@@ -187,11 +237,24 @@ def test_progress_follows_a_generate_request(service):
     """GET /progress/{X-Request-ID} while /generate runs: stage, step, growing fraction, ETA; then
     done. A second request with the same id while the first runs is refused (409)."""
     rid = f"test-progress-{time.time_ns()}"
-    body = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_inference_steps": 30, "seed": 7,
-            "hires_fix": True, "hires_steps": 8}
+    body = {
+        "prompt": "a lighthouse",
+        "width": 256,
+        "height": 256,
+        "num_inference_steps": 30,
+        "seed": 7,
+        "hires_fix": True,
+        "hires_steps": 8,
+    }
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
-        service.url + "/generate", json=body, headers={"x-request-id": rid}, timeout=300)))
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            httpx.post(
+                service.url + "/generate", json=body, headers={"x-request-id": rid}, timeout=300
+            ),
+        )
+    )
     t.start()
     seen, clash = [], None
     deadline = time.time() + 240
@@ -200,8 +263,12 @@ def test_progress_follows_a_generate_request(service):
         if r.status_code == 200:
             seen.append(r.json())
             if clash is None and seen[-1]["stage"] is not None:
-                clash = httpx.post(service.url + "/generate", json={"prompt": "x", **TINY},
-                                   headers={"x-request-id": rid}, timeout=60)
+                clash = httpx.post(
+                    service.url + "/generate",
+                    json={"prompt": "x", **TINY},
+                    headers={"x-request-id": rid},
+                    timeout=60,
+                )
         time.sleep(0.05)
     t.join()
     assert ok(out["r"])["request_id"] == rid
@@ -210,7 +277,9 @@ def test_progress_follows_a_generate_request(service):
     assert running[0]["plan"] == {"base": 30, "upscale": 1, "hires": 8}
     fractions = [s["progress"] for s in running]
     assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
-    assert any(s["stage"] == "base" and 0 < s["step"] < 30 for s in running), "seen mid-run, not only at the end"
+    assert any(s["stage"] == "base" and 0 < s["step"] < 30 for s in running), (
+        "seen mid-run, not only at the end"
+    )
     assert any(s["eta_s"] is not None and s["eta_s"] > 0 for s in running)
     assert clash is not None and clash.status_code == 409
     assert clash.json()["detail"][0]["field"] == "x-request-id"
@@ -233,8 +302,12 @@ def test_progress_without_a_client_id_and_for_unknown_ids(service):
     assert p["state"] == "done" and p["plan"] == {"base": 4}
     missing = httpx.get(f"{service.url}/progress/no-such-request", timeout=30)
     assert missing.status_code == 404 and "X-Request-ID" in missing.json()["detail"][0]["message"]
-    bad = httpx.post(service.url + "/generate", json={"prompt": "x", **TINY},
-                     headers={"x-request-id": "spaces are not allowed"}, timeout=60)
+    bad = httpx.post(
+        service.url + "/generate",
+        json={"prompt": "x", **TINY},
+        headers={"x-request-id": "spaces are not allowed"},
+        timeout=60,
+    )
     assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "x-request-id"
 
 
@@ -283,17 +356,30 @@ def test_library_missing_falls_back_and_health_says_so(service):
     h = ok(httpx.get(service.url + "/nolib/health", timeout=30))
     assert h["status"] == "ok" and h["realesrgan_available"] is False
     reasons = {m["name"]: m["reason"] for m in h["models"] if m["kind"] == "upscaler"}
-    assert reasons["realesr-animevideov3"] == "not_installed" and reasons["missing"] == "weights_missing"
+    assert (
+        reasons["realesr-animevideov3"] == "not_installed"
+        and reasons["missing"] == "weights_missing"
+    )
     r = ok(post(service, "/nolib/upscale", {"image": png_b64(astronaut(48)), "scale": 2}))
     assert (r["upscaler_used"], r["fallback_reason"]) == ("lanczos", "not_installed")
     assert "spandrel" in r["fallback_detail"] and decode(r["image"]).size == (96, 96)
     g = ok(post(service, "/nolib/generate", {"prompt": "a fox", **TINY, "hires_fix": True}))
-    assert (g["upscaler_used"], g["fallback_reason"], g["width"]) == ("lanczos", "not_installed", 128)
+    assert (g["upscaler_used"], g["fallback_reason"], g["width"]) == (
+        "lanczos",
+        "not_installed",
+        128,
+    )
 
 
 def test_upscale_oom_retries_with_smaller_tiles_before_falling_back(service):
     # Tiles above min_tile "run out of memory": halving recovers, so the neural model still serves.
-    r = ok(post(service, "/upscale", {"image": png_b64(astronaut(96)), "scale": 2, "upscaler": "chaos-oom-recovers"}))
+    r = ok(
+        post(
+            service,
+            "/upscale",
+            {"image": png_b64(astronaut(96)), "scale": 2, "upscaler": "chaos-oom-recovers"},
+        )
+    )
     assert (r["upscaler_used"], r["fallback_reason"]) == ("chaos-oom-recovers", None)
     assert decode(r["image"]).size == (192, 192)
 
@@ -317,10 +403,25 @@ def test_upscale_keeps_alpha(service):
 # ---------------------------------------------------------------- AUTOMATIC1111 API
 def test_a1111_txt2img_with_hires_fix(service):
     """An A1111 client's request, unchanged: images, parameters and info as A1111 answers them."""
-    body = {"prompt": "a castle", "negative_prompt": "", "seed": 1234, "sampler_name": "Euler", "steps": 4,
-            "cfg_scale": 7, "width": 64, "height": 64, "batch_size": 2, "n_iter": 1, "enable_hr": True,
-            "hr_scale": 2, "hr_upscaler": "R-ESRGAN AnimeVideo", "denoising_strength": 0.5,
-            "send_images": True, "save_images": False, "styles": ["cinematic"]}
+    body = {
+        "prompt": "a castle",
+        "negative_prompt": "",
+        "seed": 1234,
+        "sampler_name": "Euler",
+        "steps": 4,
+        "cfg_scale": 7,
+        "width": 64,
+        "height": 64,
+        "batch_size": 2,
+        "n_iter": 1,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "R-ESRGAN AnimeVideo",
+        "denoising_strength": 0.5,
+        "send_images": True,
+        "save_images": False,
+        "styles": ["cinematic"],
+    }
     r = ok(post(service, "/sdapi/v1/txt2img", body))
     assert len(r["images"]) == 2 and all(decode(b).size == (128, 128) for b in r["images"])
     assert r["parameters"]["hr_upscaler"] == "R-ESRGAN AnimeVideo"
@@ -328,9 +429,22 @@ def test_a1111_txt2img_with_hires_fix(service):
     assert info["all_seeds"] == [1234, 1235] and info["upscaler_used"] == "realesr-animevideov3"
     assert info["ignored"] == ["styles: not supported, ignored"]
     # The same picture our own API makes from the same parameters: one pipeline behind both.
-    ours = ok(post(service, "/generate", {"prompt": "a castle", **TINY, "num_images": 2, "hires_fix": True,
-                                          "scheduler": "euler", "guidance_scale": 7, "denoising_strength": 0.5,
-                                          "upscaler": "realesr-animevideov3"}))
+    ours = ok(
+        post(
+            service,
+            "/generate",
+            {
+                "prompt": "a castle",
+                **TINY,
+                "num_images": 2,
+                "hires_fix": True,
+                "scheduler": "euler",
+                "guidance_scale": 7,
+                "denoising_strength": 0.5,
+                "upscaler": "realesr-animevideov3",
+            },
+        )
+    )
     assert ours["images"][0] == r["images"][0]
     bad = post(service, "/sdapi/v1/txt2img", {**body, "sampler_name": "LMS"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "sampler_name"
@@ -338,12 +452,26 @@ def test_a1111_txt2img_with_hires_fix(service):
 
 def test_a1111_extra_single_image(service):
     src = png_b64(astronaut(48))
-    r = ok(post(service, "/sdapi/v1/extra-single-image", {"image": src, "upscaling_resize": 2,
-                                                           "upscaler_1": "R-ESRGAN AnimeVideo", "resize_mode": 0}))
+    r = ok(
+        post(
+            service,
+            "/sdapi/v1/extra-single-image",
+            {
+                "image": src,
+                "upscaling_resize": 2,
+                "upscaler_1": "R-ESRGAN AnimeVideo",
+                "resize_mode": 0,
+            },
+        )
+    )
     assert decode(r["image"]).size == (96, 96) and "realesr-animevideov3" in r["html_info"]
     assert r["image"] == ok(post(service, "/upscale", {"image": src, "scale": 2}))["image"]
     assert json.loads(r["info"])["upscaler_used"] == "realesr-animevideov3"
-    big = post(service, "/sdapi/v1/extra-single-image", {"image": png_b64(astronaut(512)), "upscaling_resize": 8})
+    big = post(
+        service,
+        "/sdapi/v1/extra-single-image",
+        {"image": png_b64(astronaut(512)), "upscaling_resize": 8},
+    )
     assert big.status_code == 422 and big.json()["detail"][0]["field"] == "upscaling_resize"
 
 
@@ -353,33 +481,61 @@ def test_upscale_answers_with_the_file_when_asked(service):
     the fallback and timings in headers."""
     body = {"image": png_b64(astronaut(48)), "scale": 2}
     as_json = ok(post(service, "/upscale", body))
-    r = httpx.post(service.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=300)
+    r = httpx.post(
+        service.url + "/upscale", json=body, headers={"accept": "image/png"}, timeout=300
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == base64.b64decode(as_json["image"])
-    assert r.headers["x-upscaler-used"] == "realesr-animevideov3" and "x-fallback-reason" not in r.headers
+    assert (
+        r.headers["x-upscaler-used"] == "realesr-animevideov3"
+        and "x-fallback-reason" not in r.headers
+    )
     meta = json.loads(r.headers["x-hiresfix-meta"])
-    assert meta["width"] == 96 and meta["upscaler_used"] == "realesr-animevideov3" and "upscale" in meta["timings"]
-    off = httpx.post(service.url + "/upscale", json={**body, "use_realesrgan": False},
-                     headers={"accept": "image/webp, application/json;q=0.5"}, timeout=300)
-    assert off.headers["content-type"] == "image/webp" and decode_bytes(off.content).format == "WEBP"
+    assert (
+        meta["width"] == 96
+        and meta["upscaler_used"] == "realesr-animevideov3"
+        and "upscale" in meta["timings"]
+    )
+    off = httpx.post(
+        service.url + "/upscale",
+        json={**body, "use_realesrgan": False},
+        headers={"accept": "image/webp, application/json;q=0.5"},
+        timeout=300,
+    )
+    assert (
+        off.headers["content-type"] == "image/webp" and decode_bytes(off.content).format == "WEBP"
+    )
     assert off.headers["x-fallback-reason"] == "disabled_by_request"
 
 
 def test_generate_answers_with_the_file_when_asked(service):
-    r = httpx.post(service.url + "/generate", json={"prompt": "a fox", **TINY, "output_format": "jpeg"},
-                   headers={"accept": "image/*"}, timeout=300)
+    r = httpx.post(
+        service.url + "/generate",
+        json={"prompt": "a fox", **TINY, "output_format": "jpeg"},
+        headers={"accept": "image/*"},
+        timeout=300,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert decode_bytes(r.content).size == (64, 64) and r.headers["x-seed"] == "1234"
-    many = httpx.post(service.url + "/generate", json={"prompt": "a fox", **TINY, "num_images": 2},
-                      headers={"accept": "image/png"}, timeout=300)
+    many = httpx.post(
+        service.url + "/generate",
+        json={"prompt": "a fox", **TINY, "num_images": 2},
+        headers={"accept": "image/png"},
+        timeout=300,
+    )
     assert many.status_code == 406 and many.json()["detail"][0]["field"] == "num_images"
 
 
 # ---------------------------------------------------------------- faces
 def test_face_restoration_on_upscale(service):
     src = np.asarray(data.astronaut())
-    body = {"image": png_b64(src), "scale": 1.0, "use_realesrgan": False, "use_face_restoration": True,
-            "face_restoration_weight": 0.5}
+    body = {
+        "image": png_b64(src),
+        "scale": 1.0,
+        "use_realesrgan": False,
+        "use_face_restoration": True,
+        "face_restoration_weight": 0.5,
+    }
     r = ok(post(service, "/upscale", body, timeout=600))
     fr = r["face_restoration"]
     assert fr["applied"] is True and fr["faces_found"] >= 1 and fr["model"] == "gfpgan-random"
@@ -392,8 +548,13 @@ def test_face_restoration_on_upscale(service):
 
 def test_face_model_missing_degrades(service):
     src = astronaut(256)
-    body = {"image": png_b64(src), "scale": 1.0, "use_realesrgan": False, "use_face_restoration": True,
-            "face_model": "gfpgan-missing"}
+    body = {
+        "image": png_b64(src),
+        "scale": 1.0,
+        "use_realesrgan": False,
+        "use_face_restoration": True,
+        "face_model": "gfpgan-missing",
+    }
     r = ok(post(service, "/upscale", body))
     fr = r["face_restoration"]
     assert fr["applied"] is False and fr["reason"]
@@ -411,13 +572,22 @@ def test_face_model_missing_degrades(service):
         ({"prompt": "x", "width": 100}, "width"),
         ({"prompt": "x", "width": "wide"}, "width"),
         ({"prompt": "x", "height": 4096}, "height"),
-        ({"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4}, "hires_scale"),
+        (
+            {"prompt": "x", "width": 1024, "height": 1024, "hires_fix": True, "hires_scale": 4},
+            "hires_scale",
+        ),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "x", "num_inference_steps": 60}, "num_inference_steps"),  # profile limit 50
         ({"prompt": "x", "width": 1536}, "width"),  # profile limit 1024
         ({"prompt": "x", "hires_scale": 9}, "hires_scale"),
-        ({"prompt": "x", "hires_fix": True, "hires_width": 4096}, "hires_width"),  # profile output limit
-        ({"prompt": "x", "hires_fix": True, "hires_width": 1024, "hires_height": 2048}, "hires_height"),  # aspect
+        (
+            {"prompt": "x", "hires_fix": True, "hires_width": 4096},
+            "hires_width",
+        ),  # profile output limit
+        (
+            {"prompt": "x", "hires_fix": True, "hires_width": 1024, "hires_height": 2048},
+            "hires_height",
+        ),  # aspect
         ({"prompt": "x", "hires_scheduler": "magic"}, "hires_scheduler"),
         ({"prompt": "x", "denoising_strength": 0}, "denoising_strength"),
         ({"prompt": "x", "hires_fix": True, "denoising_strength": 0.0005}, "denoising_strength"),
@@ -466,7 +636,12 @@ def test_oversized_bodies_are_413_before_parsing(service):
     """The test profile takes images up to 4 MiB: a 9 MB body is refused from its Content-Length,
     and a too-long base64 string in a body under that is refused before it is decoded."""
     big = '{"image": "' + "A" * 9_000_000 + '", "scale": 2}'
-    r = httpx.post(service.url + "/upscale", content=big, headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        service.url + "/upscale",
+        content=big,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == 413 and r.json()["detail"][0]["field"] == "body", r.text[:300]
     r = post(service, "/upscale", {"image": "A" * 5_800_000, "scale": 2}, timeout=60)
     assert r.status_code == 413 and r.json()["detail"][0]["field"] == "image", r.text[:300]
@@ -484,7 +659,13 @@ def test_replicas_survive_bad_input(service):
 
 
 def test_health_answers_fast_while_stages_are_busy_and_cancel_stops_work(service):
-    slow = {"prompt": "a busy street", "width": 384, "height": 384, "num_inference_steps": 50, "seed": 9}
+    slow = {
+        "prompt": "a busy street",
+        "width": 384,
+        "height": 384,
+        "num_inference_steps": 50,
+        "seed": 9,
+    }
     with pytest.raises(httpx.ReadTimeout):  # the client gives up: Serve cancels the request
         post(service, "/generate", slow, timeout=3)
     t0 = time.perf_counter()
@@ -503,36 +684,94 @@ def test_cli_generate_and_upscale(service, tmp_path):
     cli = [sys.executable, "-m", "hiresfix.cli"]
     out = tmp_path / "gen.png"
     p = subprocess.run(
-        [*cli, "generate", "a tiny robot", "--url", service.url, "-o", str(out), "--width", "64",
-         "--height", "64", "--num-inference-steps", "3", "--seed", "5", "--hires-fix", "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            *cli,
+            "generate",
+            "a tiny robot",
+            "--url",
+            service.url,
+            "-o",
+            str(out),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--num-inference-steps",
+            "3",
+            "--seed",
+            "5",
+            "--hires-fix",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     assert Image.open(out).size == (128, 128)
     assert '"upscaler_used": "realesr-animevideov3"' in p.stdout
     up = tmp_path / "up.webp"
     p = subprocess.run(
-        [*cli, "upscale", str(out), "--url", service.url, "-o", str(up), "--scale", "1.5", "--no-use-realesrgan",
-         "--output-format", "webp"],
-        capture_output=True, text=True, timeout=300,
+        [
+            *cli,
+            "upscale",
+            str(out),
+            "--url",
+            service.url,
+            "-o",
+            str(up),
+            "--scale",
+            "1.5",
+            "--no-use-realesrgan",
+            "--output-format",
+            "webp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     assert Image.open(up).size == (192, 192) and Image.open(up).format == "WEBP"
-    p = subprocess.run([*cli, "generate", "x", "--url", service.url, "--width", "100"], capture_output=True, text=True)
+    p = subprocess.run(
+        [*cli, "generate", "x", "--url", service.url, "--width", "100"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "width" in p.stderr and "multiple of 8" in p.stderr
 
 
 def test_cli_shows_progress_on_a_terminal(service, tmp_path):
-    """On a terminal, `hiresfix generate` follows its own request at GET /progress while it waits."""
+    """On a terminal, `hiresfix generate` follows its own request at GET /progress while it
+    waits."""
     import os
     import pty
 
     out = tmp_path / "p.png"
     parent, child = pty.openpty()  # stderr is a terminal; stdout a pipe
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hiresfix.cli", "generate", "a harbour", "--url", service.url, "-o", str(out),
-         "--width", "256", "--height", "256", "--num-inference-steps", "50", "--seed", "3"],
-        stdout=subprocess.PIPE, stderr=child, text=True)
+        [
+            sys.executable,
+            "-m",
+            "hiresfix.cli",
+            "generate",
+            "a harbour",
+            "--url",
+            service.url,
+            "-o",
+            str(out),
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--num-inference-steps",
+            "50",
+            "--seed",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=child,
+        text=True,
+    )
     os.close(child)
     seen = b""
     while True:
@@ -555,9 +794,25 @@ def test_cli_compare_writes_a_labelled_sheet(service, tmp_path):
     Image.fromarray(astronaut(64)).save(src)
     out = tmp_path / "compare.png"
     p = subprocess.run(
-        [sys.executable, "-m", "hiresfix.cli", "compare", "--url", service.url, "--input", str(src),
-         "--upscaler", "realesr-animevideov3", "--upscaler", "missing", "-o", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "hiresfix.cli",
+            "compare",
+            "--url",
+            service.url,
+            "--input",
+            str(src),
+            "--upscaler",
+            "realesr-animevideov3",
+            "--upscaler",
+            "missing",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr
     sheet = Image.open(out)

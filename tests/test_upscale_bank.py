@@ -14,8 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import cv2
 import numpy as np
 import pytest
@@ -26,13 +24,19 @@ from skimage.filters import sobel
 
 from hiresfix.images import Picture, decode_image, encode_image
 from hiresfix.schemas import FallbackReason
-from hiresfix.upscale import UnknownModelError, UpscaleJob, UpscalerBank, UpscalerModelSpec, UpscalerSettings
+from hiresfix.upscale import (
+    UnknownModelError,
+    UpscaleJob,
+    UpscalerBank,
+    UpscalerModelSpec,
+    UpscalerSettings,
+)
 from hiresfix.upscale.resample import resize_picture
 
-torch.set_num_threads(1)
-
-WEIGHTS = Path(os.environ.get("HIRESFIX_TEST_WEIGHTS")
-               or Path(__file__).resolve().parents[2] / "shared" / "weights")
+WEIGHTS = Path(
+    os.environ.get("HIRESFIX_TEST_WEIGHTS")
+    or Path(__file__).resolve().parents[2] / "shared" / "weights"
+)
 ANIME = "realesr-animevideov3-x4.safetensors"
 ANIME_6B = "realesrgan-x4plus-anime.safetensors"
 X4PLUS = "realesrgan-x4plus.safetensors"
@@ -42,7 +46,9 @@ X4PLUS_SHA = "f966e86a81490679ef79f350269d9ccdc64dbadef714eda5cec1d9c652cdb7bc"
 def weights(file: str) -> Path:
     p = WEIGHTS / file
     if not p.is_file():
-        pytest.fail(f"real weights missing: {p} (set HIRESFIX_TEST_WEIGHTS to the folder that has {file})")
+        pytest.fail(
+            f"real weights missing: {p} (set HIRESFIX_TEST_WEIGHTS to the folder that has {file})"
+        )
     return p
 
 
@@ -65,7 +71,7 @@ def bank() -> UpscalerBank:
 
 def photo(y=0, x=0, size=64, img=None) -> Picture:
     img = data.astronaut() if img is None else img
-    return Picture(np.ascontiguousarray(img[y:y + size, x:x + size], dtype=np.float32) / 255.0)
+    return Picture(np.ascontiguousarray(img[y : y + size, x : x + size], dtype=np.float32) / 255.0)
 
 
 def psnr(a, b) -> float:
@@ -73,7 +79,7 @@ def psnr(a, b) -> float:
     return 10 * np.log10(1.0 / max(mse, 1e-20))
 
 
-# --------------------------------------------------------------------------- quality
+# ------------------------------------------------------------------- quality
 def test_quality_against_ground_truth(bank):
     """astronaut 512 -> BICUBIC /4 -> x4: sharper than LANCZOS, PSNR close to it, colours kept.
     (GAN nets trade a little PSNR for detail on clean bicubic input; see weights/README.md.)"""
@@ -88,16 +94,18 @@ def test_quality_against_ground_truth(bank):
     def u8(a):
         return np.round(np.clip(a, 0, 1) * 255) / 255
 
-    o, m, l = orig / 255.0, u8(neural.picture.rgb), u8(lanczos.picture.rgb)
+    o, m, lz = orig / 255.0, u8(neural.picture.rgb), u8(lanczos.picture.rgb)
     inner = (slice(4, -4), slice(4, -4))
 
     def grad(a):
         return float(np.mean(sobel(a[inner].mean(axis=2))))
 
-    g_model, g_lanczos = grad(m) / grad(o), grad(l) / grad(o)
+    g_model, g_lanczos = grad(m) / grad(o), grad(lz) / grad(o)
     assert g_model > g_lanczos + 0.07, (g_model, g_lanczos)  # measured 0.85 vs 0.74
-    assert psnr(o[inner], m[inner]) > psnr(o[inner], l[inner]) - 2.0  # measured 24.3 vs 25.7 dB
-    assert np.abs(m.mean(axis=(0, 1)) - o.mean(axis=(0, 1))).max() * 255 < 3.0  # measured <= 1.4 levels
+    assert psnr(o[inner], m[inner]) > psnr(o[inner], lz[inner]) - 2.0  # measured 24.3 vs 25.7 dB
+    assert (
+        np.abs(m.mean(axis=(0, 1)) - o.mean(axis=(0, 1))).max() * 255 < 3.0
+    )  # measured <= 1.4 levels
 
 
 def test_rgb_order_kept(bank):
@@ -107,15 +115,23 @@ def test_rgb_order_kept(bank):
     rgb[:, 32:, 2] = 0.9
     out = bank.upscale([Picture(rgb)], 2)[0].picture.rgb
     for i in range(3):
-        stripe = out[8:56, i * 32 + 8:i * 32 + 24].mean(axis=(0, 1))
-        assert stripe.argmax() == i and stripe[i] > 0.7 and np.delete(stripe, i).max() < 0.15, stripe
+        stripe = out[8:56, i * 32 + 8 : i * 32 + 24].mean(axis=(0, 1))
+        assert stripe.argmax() == i and stripe[i] > 0.7 and np.delete(stripe, i).max() < 0.15, (
+            stripe
+        )
 
 
 def test_tiled_equals_untiled_compact():
     weights(ANIME)
     pic = photo(60, 180, 128)
-    whole = UpscalerBank.from_settings(settings(spec(), tile_size=1024)).upscale([pic], 4)[0].picture.rgb
-    b = UpscalerBank.from_settings(settings(spec(), tile_size=40, tile_overlap=16, min_tile=16, tile_batch=4))
+    whole = (
+        UpscalerBank.from_settings(settings(spec(), tile_size=1024))
+        .upscale([pic], 4)[0]
+        .picture.rgb
+    )
+    b = UpscalerBank.from_settings(
+        settings(spec(), tile_size=40, tile_overlap=16, min_tile=16, tile_batch=4)
+    )
     tiled = b.upscale([pic], 4)[0].picture.rgb
     assert psnr(whole, tiled) >= 45.0
     # No seam: even the worst output column / row stays close to the untiled result.
@@ -129,12 +145,16 @@ def test_tiled_equals_untiled_rrdb():
     weights(ANIME_6B)
     pic = photo(120, 200, 64)
     s = dict(tile_overlap=32, min_tile=32)
-    whole = UpscalerBank.from_settings(settings(spec("a6", ANIME_6B), tile_size=512, **s)).upscale([pic], 4)[0]
+    whole = UpscalerBank.from_settings(settings(spec("a6", ANIME_6B), tile_size=512, **s)).upscale(
+        [pic], 4
+    )[0]
     b = UpscalerBank.from_settings(settings(spec("a6", ANIME_6B), tile_size=64, **s))
     calls = []
     b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
     tiled = b.upscale([pic], 4)[0]
-    assert len(calls) >= 1 and all(max(c[-2:]) <= 64 for c in calls) and sum(c[0] for c in calls) == 4
+    assert (
+        len(calls) >= 1 and all(max(c[-2:]) <= 64 for c in calls) and sum(c[0] for c in calls) == 4
+    )
     assert psnr(whole.picture.rgb, tiled.picture.rgb) >= 45.0
 
 
@@ -151,7 +171,7 @@ def test_x4plus_with_checksum_on_tiny_crop():
     assert psnr(out.picture.rgb, ref) > 20
 
 
-# --------------------------------------------------------------------------- sizes and scales
+# ------------------------------------------------------------------- sizes and scales
 @pytest.mark.parametrize("target", [(48, 48), (72, 40), (101, 67), (129, 129), (200, 150)])
 def test_exact_target_sizes(bank, target):
     pic = photo(100, 100, 40)
@@ -177,7 +197,9 @@ def test_scale_one_is_identity(bank):
 def test_jobs_sharing_a_model_share_forward_passes():
     """Concurrent requests (one upscale_jobs call under @serve.batch) share forward passes."""
     weights(ANIME)
-    b = UpscalerBank.from_settings(settings(spec(), tile_size=96, tile_overlap=8, min_tile=16, tile_batch=8))
+    b = UpscalerBank.from_settings(
+        settings(spec(), tile_size=96, tile_overlap=8, min_tile=16, tile_batch=8)
+    )
     calls = []
     b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     pics = [photo(0, 0, 90), photo(200, 200, 90), photo(300, 100, 90)]  # 4 tiles of 53 px each
@@ -195,7 +217,11 @@ def test_host_memory_budget_runs_jobs_in_turn_and_refuses_one_too_big():
     turn (same pixels as all at once); a job above it alone gets LANCZOS with out_of_memory."""
     weights(ANIME)
     kw = dict(tile_size=96, tile_overlap=8, min_tile=16, tile_batch=8)
-    pics = [photo(0, 0, 40), photo(200, 200, 40), photo(300, 100, 40)]  # 160^2 = 25.6 k native px each
+    pics = [
+        photo(0, 0, 40),
+        photo(200, 200, 40),
+        photo(300, 100, 40),
+    ]  # 160^2 = 25.6 k native px each
     jobs = [UpscaleJob(p, (80, 80)) for p in pics]
     free = UpscalerBank.from_settings(settings(spec(), **kw)).upscale_jobs(jobs)
     b = UpscalerBank.from_settings(settings(spec(), max_native_megapixels=0.06, **kw))
@@ -214,11 +240,16 @@ def test_a_model_can_set_its_own_tile_size():
     """Per-model tile_size overrides the bank's: the same picture runs as 4 tiles under the bank's
     40 px and as one tile under the model's 96 px, with the same pixels (tiled == untiled)."""
     weights(ANIME)
-    b = UpscalerBank.from_settings(settings(spec("small"), spec("big", tile_size=96), tile_size=40,
-                                            tile_overlap=8, min_tile=16))
+    b = UpscalerBank.from_settings(
+        settings(
+            spec("small"), spec("big", tile_size=96), tile_size=40, tile_overlap=8, min_tile=16
+        )
+    )
     shapes = {n: [] for n in ("small", "big")}
     for n in shapes:
-        b.runner(n).module.register_forward_pre_hook(lambda m, a, n=n: shapes[n].append(tuple(a[0].shape)))
+        b.runner(n).module.register_forward_pre_hook(
+            lambda m, a, n=n: shapes[n].append(tuple(a[0].shape))
+        )
     pic = photo(100, 100, 56)
     small, big = (b.upscale([pic], 2, model=n)[0].picture.rgb for n in ("small", "big"))
     assert len(shapes["small"]) == 4 and all(max(s[-2:]) <= 40 for s in shapes["small"])
@@ -228,14 +259,17 @@ def test_a_model_can_set_its_own_tile_size():
         settings(spec("tiny", tile_size=8), min_tile=16)
 
 
-# --------------------------------------------------------------------------- same bits with company
+# ------------------------------------------------------------------- same bits with company
 def _company_jobs():
     """A: one 38 px tile (30 px + 2 x 4 px context), alone a batch of one. B: another picture of A's
     size (its tile shares A's pass). C: a different size whose two tiles have A's tile shape.
     D: a different tile shape (its own passes)."""
-    return (UpscaleJob(photo(60, 180, 30), (120, 120)), UpscaleJob(photo(300, 100, 30), (120, 120)),
-            UpscaleJob(Picture(photo(200, 260, 60).rgb[:30].copy()), (240, 120)),
-            UpscaleJob(photo(10, 400, 45), (180, 180)))
+    return (
+        UpscaleJob(photo(60, 180, 30), (120, 120)),
+        UpscaleJob(photo(300, 100, 30), (120, 120)),
+        UpscaleJob(Picture(photo(200, 260, 60).rgb[:30].copy()), (240, 120)),
+        UpscaleJob(photo(10, 400, 45), (180, 180)),
+    )
 
 
 @pytest.mark.parametrize("name,file", [("anime", ANIME), ("anime6b", ANIME_6B)])
@@ -244,7 +278,9 @@ def test_job_bits_do_not_depend_on_what_shares_its_passes(name, file):
     the same float bits, which the hires fix feeds to img2img. Torch used to run a lone small tile
     through another CPU conv kernel than a batch (differences up to 2e-6)."""
     weights(file)
-    b = UpscalerBank.from_settings(settings(spec(name, file), tile_size=64, tile_overlap=8, min_tile=16))
+    b = UpscalerBank.from_settings(
+        settings(spec(name, file), tile_size=64, tile_overlap=8, min_tile=16)
+    )
     assert b.runner().batch_invariant
     calls = []
     b.runner().module.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
@@ -281,11 +317,11 @@ def test_batch_dependent_forward_gets_fixed_passes(monkeypatch):
     assert calls == [2, 2] and np.array_equal(outs[2].picture.rgb, alone)
 
 
-# --------------------------------------------------------------------------- formats
+# ------------------------------------------------------------------- formats
 def test_alpha_kept_and_upscaled(bank):
     pic = photo(100, 150, 48)
     yy, xx = np.mgrid[:48, :48]
-    pic.alpha = ((yy - 24) ** 2 + (xx - 24) ** 2 < 15 ** 2).astype(np.float32)
+    pic.alpha = ((yy - 24) ** 2 + (xx - 24) ** 2 < 15**2).astype(np.float32)
     out = bank.upscale([pic], 2)[0].picture
     assert out.alpha is not None and out.alpha.shape == (96, 96)
     assert out.alpha.min() >= 0 and out.alpha.max() <= 1
@@ -348,13 +384,16 @@ def test_exif_orientation_applied(bank):
     assert bank.upscale([pic], 2)[0].picture.size == (80, 48)
 
 
-# --------------------------------------------------------------------------- faults
+# ------------------------------------------------------------------- faults
 def test_injected_oom_halves_the_tile_then_succeeds(caplog):
     weights(ANIME)
     pic = photo(60, 180, 64)
-    clean = UpscalerBank.from_settings(settings(spec(), tile_size=512)).upscale([pic], 4)[0].picture.rgb
-    b = UpscalerBank.from_settings(settings(spec(inject_fault="oom"), tile_size=128, min_tile=32,
-                                            tile_overlap=16))
+    clean = (
+        UpscalerBank.from_settings(settings(spec(), tile_size=512)).upscale([pic], 4)[0].picture.rgb
+    )
+    b = UpscalerBank.from_settings(
+        settings(spec(inject_fault="oom"), tile_size=128, min_tile=32, tile_overlap=16)
+    )
     with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
         out = b.upscale([pic], 4)[0]
     assert out.upscaler_used == "anime" and out.fallback_reason is None
@@ -364,7 +403,8 @@ def test_injected_oom_halves_the_tile_then_succeeds(caplog):
 
 
 def _cpu_alloc_error() -> BaseException:
-    """What torch raises when host memory runs out (a RuntimeError saying "can't allocate memory")."""
+    """What torch raises when host memory runs out (a RuntimeError saying "can't allocate
+    memory")."""
     try:
         torch.empty(1 << 60, dtype=torch.uint8)
     except (RuntimeError, MemoryError) as exc:
@@ -372,8 +412,14 @@ def _cpu_alloc_error() -> BaseException:
     raise AssertionError("a 1 EiB allocation succeeded")
 
 
-@pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
-                                 RuntimeError("CUDA error: out of memory"), _cpu_alloc_error()])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        _cpu_alloc_error(),
+    ],
+)
 def test_oom_at_every_tile_falls_back_to_lanczos(exc, caplog):
     weights(ANIME)
     b = UpscalerBank.from_settings(settings(spec(), tile_size=128, min_tile=32))
@@ -411,7 +457,9 @@ def test_low_precision_failure_redone_in_fp32(failure, caplog):
     weights(ANIME)
     pic = photo(60, 180, 48)
     ref = UpscalerBank.from_settings(settings(spec())).upscale([pic], 2)[0].picture.rgb
-    b = UpscalerBank.from_settings(settings(spec(), dtype="bf16", tile_size=32, min_tile=16, tile_overlap=8))
+    b = UpscalerBank.from_settings(
+        settings(spec(), dtype="bf16", tile_size=32, min_tile=16, tile_overlap=8)
+    )
     r = b.runner()
     assert r.dtype_name == "bf16" and b.models_info()[0].dtype == "bf16"
     fill = {"nan": float("nan"), "inf": float("inf"), "black": 0.0}[failure]
@@ -433,9 +481,16 @@ def test_low_precision_failure_redone_in_fp32(failure, caplog):
 
 
 def test_weights_missing(tmp_path):
-    b = UpscalerBank.from_settings(UpscalerSettings(
-        weights_dir=str(tmp_path), num_threads=1,
-        models=[spec("gone", "RealESRGAN_x4plus.pth"), spec("own", "mine.pth", url="https://example.org/m.pth")]))
+    b = UpscalerBank.from_settings(
+        UpscalerSettings(
+            weights_dir=str(tmp_path),
+            num_threads=1,
+            models=[
+                spec("gone", "RealESRGAN_x4plus.pth"),
+                spec("own", "mine.pth", url="https://example.org/m.pth"),
+            ],
+        )
+    )
     assert not b.neural_available()
     info, own = b.models_info()
     assert not info.available and info.reason == "weights_missing"
@@ -450,8 +505,11 @@ def test_weights_missing(tmp_path):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_corrupt_file_is_an_error(tmp_path, suffix):
     (tmp_path / f"bad{suffix}").write_bytes(b"\x00garbage" * 100)
-    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(tmp_path), num_threads=1,
-                                                    models=[spec("bad", f"bad{suffix}")]))
+    b = UpscalerBank.from_settings(
+        UpscalerSettings(
+            weights_dir=str(tmp_path), num_threads=1, models=[spec("bad", f"bad{suffix}")]
+        )
+    )
     info = b.models_info()[0]
     assert not info.available and info.reason == "error" and "could not load" in info.detail
     assert b.upscale([photo()], 2)[0].fallback_reason is FallbackReason.error
@@ -486,7 +544,9 @@ def test_unknown_name(bank):
 def test_disabled_by_request(bank):
     pic = photo(0, 0, 40)
     out = bank.upscale([pic], 2, use_neural=False)[0]
-    assert out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.disabled_by_request
+    assert (
+        out.upscaler_used == "lanczos" and out.fallback_reason is FallbackReason.disabled_by_request
+    )
     assert np.array_equal(out.picture.rgb, resize_picture(pic, (80, 80)).rgb)
 
 
@@ -494,7 +554,10 @@ def test_no_models_configured():
     b = UpscalerBank.from_settings(UpscalerSettings(num_threads=1))
     assert b.names() == [] and b.default_name() is None and not b.neural_available()
     out = b.upscale([photo()], 2)[0]
-    assert out.fallback_reason is FallbackReason.weights_missing and "no upscaler" in out.fallback_detail
+    assert (
+        out.fallback_reason is FallbackReason.weights_missing
+        and "no upscaler" in out.fallback_detail
+    )
     with pytest.raises(UnknownModelError):
         b.resolve(None)
 
@@ -510,19 +573,36 @@ def test_models_info_and_default(tmp_path):
     assert infos["a"].dtype == "fp32" and infos["a"].architecture == "RealESRGAN Compact"
     assert infos["c"].reason == "weights_missing" and infos["c"].scale is None
     # A mixed batch: each job gets its own outcome, in order.
-    outs = b.upscale_jobs([UpscaleJob(photo(), (128, 128), "c"), UpscaleJob(photo(), (128, 128)),
-                           UpscaleJob(photo(), (128, 128), "a", use_neural=False)])
+    outs = b.upscale_jobs(
+        [
+            UpscaleJob(photo(), (128, 128), "c"),
+            UpscaleJob(photo(), (128, 128)),
+            UpscaleJob(photo(), (128, 128), "a", use_neural=False),
+        ]
+    )
     assert [o.upscaler_used for o in outs] == ["lanczos", "b", "lanczos"]
-    assert [o.fallback_reason for o in outs] == [FallbackReason.weights_missing, None,
-                                                 FallbackReason.disabled_by_request]
+    assert [o.fallback_reason for o in outs] == [
+        FallbackReason.weights_missing,
+        None,
+        FallbackReason.disabled_by_request,
+    ]
 
 
 def test_settings_env_override_and_validation(monkeypatch):
+    s = UpscalerSettings(
+        weights_dir="elsewhere", models=[spec("a", "a.pth"), spec("b", "/abs/b.pth")]
+    )
     monkeypatch.setenv("HIRESFIX_WEIGHTS_DIR", "/mnt/w")
-    assert UpscalerSettings(weights_dir="elsewhere").weights_dir == "/mnt/w"
-    assert UpscalerSettings.model_validate({}).weights_dir == "/mnt/w"
+    # Applied when a file is looked up, so a profile validated elsewhere still finds this folder.
+    assert s.effective_weights_dir() == Path("/mnt/w") and s.model_path(s.models[0]) == Path(
+        "/mnt/w/a.pth"
+    )
+    assert UpscalerSettings.model_validate({}).effective_weights_dir() == Path("/mnt/w")
+    assert s.model_path(s.models[1]) == Path("/abs/b.pth")  # absolute stays
+    assert s.weights_dir == "elsewhere"  # the dump keeps what was configured
     monkeypatch.delenv("HIRESFIX_WEIGHTS_DIR")
-    assert UpscalerSettings().weights_dir == "weights"
+    assert s.model_path(s.models[0]) == Path("elsewhere/a.pth")
+    assert UpscalerSettings().effective_weights_dir() == Path("weights")
     with pytest.raises(ValueError, match="unique"):
         UpscalerSettings(models=[spec("a"), spec("a")])
     with pytest.raises(ValueError, match="not configured"):
@@ -531,18 +611,56 @@ def test_settings_env_override_and_validation(monkeypatch):
         UpscalerSettings(tile_sise=256)  # extra="forbid": typos are errors
     with pytest.raises(ValueError):
         UpscalerModelSpec(name="a", file="a.pth", inject_fault="segfault")
+    with pytest.raises(ValueError, match="64 hexadecimal"):
+        UpscalerModelSpec(name="a", file="a.pth", sha256="abc")
+    assert UpscalerModelSpec(name="a", file="a.pth", sha256=X4PLUS_SHA.upper()).sha256 == X4PLUS_SHA
 
 
-# --------------------------------------------------------------------------- RealESRGAN_x2plus layout
+@pytest.mark.parametrize(
+    "stage, setting, device, fp16, expected",
+    [
+        ("upscaler", "auto", "cuda", True, torch.float16),
+        ("upscaler", "auto", "cuda", False, torch.bfloat16),  # no fp16 support: bf16 next
+        ("upscaler", "auto", "cpu", True, torch.float32),
+        ("face", "auto", "cuda", True, torch.float32),
+        ("sdxl", "auto", "cuda", True, torch.float16),
+        ("sdxl", "auto", "cpu", True, torch.float32),
+        ("face", "bf16", "cpu", True, torch.bfloat16),  # an explicit choice holds on any device
+    ],
+)
+def test_pick_dtype_per_stage(stage, setting, device, fp16, expected):
+    """What `dtype: auto` means per stage is data (runtime.AUTO_ON_GPU); the device is only read."""
+    from hiresfix.runtime import AUTO_ON_GPU, pick_dtype
+
+    assert pick_dtype(setting, torch.device(device), AUTO_ON_GPU[stage], supports_fp16=fp16) == (
+        expected,
+        None,
+    )
+    dtype, note = pick_dtype(
+        "fp16", torch.device(device), AUTO_ON_GPU[stage], supports_fp16=False, model="GFPGAN"
+    )
+    assert dtype == torch.float32 and note == "GFPGAN does not support fp16; running fp32"
+
+
+# ------------------------------------------------------------------- RealESRGAN_x2plus layout
 def _x2plus_state_dict(nf=8, nb=1, seed=0) -> tuple[dict, torch.nn.Module]:
     """A random RRDBNet in RealESRGAN_x2plus layout: pixel-unshuffle by 2 (12 input channels), x4
-    body, xinntao's key names (conv_first, body.N.rdbM.convK, conv_body, conv_up1/2, conv_hr, conv_last)."""
+    body, xinntao's key names (conv_first, body.N.rdbM.convK, conv_body, conv_up1/2, conv_hr,
+    conv_last)."""
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(seed)
-    net = ESRGAN(in_nc=12, out_nc=3, num_filters=nf, num_blocks=nb, scale=4, shuffle_factor=2).eval()
-    names = {"0": "conv_first", f"1.sub.{nb}": "conv_body", "3": "conv_up1", "6": "conv_up2",
-             "8": "conv_hr", "10": "conv_last"}
+    net = ESRGAN(
+        in_nc=12, out_nc=3, num_filters=nf, num_blocks=nb, scale=4, shuffle_factor=2
+    ).eval()
+    names = {
+        "0": "conv_first",
+        f"1.sub.{nb}": "conv_body",
+        "3": "conv_up1",
+        "6": "conv_up2",
+        "8": "conv_hr",
+        "10": "conv_last",
+    }
     sd = {}
     for k, v in net.state_dict().items():
         m = re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", k)
@@ -568,8 +686,11 @@ def x2plus_files(tmp_path_factory):
 @pytest.mark.parametrize("file", ["RealESRGAN_x2plus.pth", "RealESRGAN_x2plus.safetensors"])
 def test_x2plus_layout_loads_and_runs(x2plus_files, file):
     d, net = x2plus_files
-    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(d), num_threads=1, tile_size=512,
-                                                    models=[spec("x2", file)]))
+    b = UpscalerBank.from_settings(
+        UpscalerSettings(
+            weights_dir=str(d), num_threads=1, tile_size=512, models=[spec("x2", file)]
+        )
+    )
     info = b.models_info()[0]
     assert info.available, info.detail
     assert info.scale == 2 and info.architecture == "ESRGAN"
@@ -591,8 +712,14 @@ def test_x2plus_layout_loads_and_runs(x2plus_files, file):
 @pytest.mark.parametrize("mode,passes", [("resample", 1), ("repeat", 2)])
 def test_beyond_native_scale(x2plus_files, mode, passes):
     d, _ = x2plus_files
-    b = UpscalerBank.from_settings(UpscalerSettings(weights_dir=str(d), num_threads=1, beyond_native=mode,
-                                                    models=[spec("x2", "RealESRGAN_x2plus.safetensors")]))
+    b = UpscalerBank.from_settings(
+        UpscalerSettings(
+            weights_dir=str(d),
+            num_threads=1,
+            beyond_native=mode,
+            models=[spec("x2", "RealESRGAN_x2plus.safetensors")],
+        )
+    )
     seen = []
     b.runner().module.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     out = b.upscale([photo(0, 0, 24)], 4)[0]

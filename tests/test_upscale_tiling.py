@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +9,11 @@ import torch.nn.functional as F
 from hiresfix.upscale.caps import SizeRule
 from hiresfix.upscale.tiling import axis_weights, pad_image, plan_axis, plan_image, upscale_planes
 
-torch.set_num_threads(1)
-
 
 def nearest(scale):
     def fwd(x):
         return F.interpolate(x, scale_factor=scale, mode="nearest")
+
     return fwd
 
 
@@ -27,13 +22,18 @@ def blur_then_nearest(scale):
     k = torch.full((3, 1, 3, 3), 1 / 9)
 
     def fwd(x):
-        return F.interpolate(F.conv2d(x, k, padding=1, groups=3), scale_factor=scale, mode="nearest")
+        return F.interpolate(
+            F.conv2d(x, k, padding=1, groups=3), scale_factor=scale, mode="nearest"
+        )
+
     return fwd
 
 
 @pytest.mark.parametrize("length", [1, 5, 31, 64, 100, 257, 1000])
 @pytest.mark.parametrize("tile,overlap", [(32, 8), (64, 16), (512, 32), (48, 0)])
-@pytest.mark.parametrize("rule", [SizeRule(), SizeRule(minimum=4, multiple_of=4), SizeRule(minimum=2)])
+@pytest.mark.parametrize(
+    "rule", [SizeRule(), SizeRule(minimum=4, multiple_of=4), SizeRule(minimum=2)]
+)
 def test_axis_plan_covers_with_valid_tiles(length, tile, overlap, rule):
     p = plan_axis(length, tile=tile, overlap=overlap, border=overlap // 2, rule=rule)
     assert p.tile <= max(rule.max_tile_side(tile), rule.tile_side(0))
@@ -41,7 +41,9 @@ def test_axis_plan_covers_with_valid_tiles(length, tile, overlap, rule):
     assert p.starts[0] == 0 and p.starts[-1] + p.tile == p.padded
     assert all(b - a <= p.tile for a, b in zip(p.starts, p.starts[1:]))  # no gaps
     if len(p.starts) > 1:
-        assert min(a + p.tile - b for a, b in zip(p.starts, p.starts[1:])) >= min(overlap, p.tile // 2)
+        assert min(a + p.tile - b for a, b in zip(p.starts, p.starts[1:])) >= min(
+            overlap, p.tile // 2
+        )
     # Equal tiles, no needless extra tile: n tiles of size t cannot be n-1.
     ov = min(overlap, rule.max_tile_side(tile) // 2)
     assert (len(p.starts) - 1) * (p.tile - ov) < p.padded
@@ -53,7 +55,7 @@ def test_weights_partition_of_unity(scale):
     total = torch.zeros(p.padded * scale)
     for s, w in zip(p.starts, axis_weights(p, scale)):
         assert w.min() >= 0
-        total[s * scale:(s + p.tile) * scale] += w
+        total[s * scale : (s + p.tile) * scale] += w
     assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
 
 
@@ -67,10 +69,12 @@ def test_pad_image_tiny_sources(shape):
     x = torch.rand(shape)
     y = pad_image(x, 7, 5, 6, 9)
     assert y.shape == (3, shape[1] + 15, shape[2] + 12)
-    assert torch.equal(y[:, 6:6 + shape[1], 7:7 + shape[2]], x)
+    assert torch.equal(y[:, 6 : 6 + shape[1], 7 : 7 + shape[2]], x)
 
 
-@pytest.mark.parametrize("rule", [SizeRule(), SizeRule(minimum=4, multiple_of=4), SizeRule(square=True)])
+@pytest.mark.parametrize(
+    "rule", [SizeRule(), SizeRule(minimum=4, multiple_of=4), SizeRule(square=True)]
+)
 @pytest.mark.parametrize("size", [(37, 53), (3, 2), (64, 64)])
 def test_tiled_nearest_is_exact(rule, size):
     x = torch.rand(3, *size)
@@ -117,10 +121,19 @@ def test_batch_never_exceeds_one_tile_of_pixels():
         calls.append(x.shape)
         return nearest(2)(x)
 
-    upscale_planes([torch.rand(3, 200, 200)], fwd, scale=2, rule=SizeRule(), tile=64, overlap=8, batch=16)
+    upscale_planes(
+        [torch.rand(3, 200, 200)], fwd, scale=2, rule=SizeRule(), tile=64, overlap=8, batch=16
+    )
     assert all(s[0] * s[2] * s[3] <= 64 * 64 for s in calls)
-    upscale_planes([torch.rand(3, 10, 10) for _ in range(20)], fwd, scale=2, rule=SizeRule(), tile=64,
-                   overlap=8, batch=16)
+    upscale_planes(
+        [torch.rand(3, 10, 10) for _ in range(20)],
+        fwd,
+        scale=2,
+        rule=SizeRule(),
+        tile=64,
+        overlap=8,
+        batch=16,
+    )
     assert max(s[0] for s in calls) == 64 * 64 // (18 * 18)  # 10 px + 2 x 4 px border context
 
 

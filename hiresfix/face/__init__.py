@@ -1,4 +1,5 @@
-"""Face restoration pass: OpenCV detection, FFHQ alignment, spandrel restorers (GFPGAN, RestoreFormer).
+"""Face restoration pass: OpenCV detection, FFHQ alignment, spandrel restorers (GFPGAN,
+RestoreFormer).
 
 Ray-free; `deployments/refine.py` wraps it. Importing this package pulls in neither torch nor
 spandrel nor OpenCV: they are imported when `FaceRestorer.from_settings` runs. See README.md here

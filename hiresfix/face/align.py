@@ -38,14 +38,19 @@ def estimate_affine(landmarks: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
     )
     if m is None:  # degenerate landmarks (all equal): fall back to the least-squares fit
         m, _ = cv2.estimateAffinePartial2D(
-            np.asarray(landmarks, np.float32), template, method=cv2.RANSAC, ransacReprojThreshold=1e9
+            np.asarray(landmarks, np.float32),
+            template,
+            method=cv2.RANSAC,
+            ransacReprojThreshold=1e9,
         )
     if m is None:
         raise ValueError("cannot estimate a face alignment from these landmarks")
     return m.astype(np.float64)
 
 
-def paste_region(inverse: np.ndarray, width: int, height: int, size: int = FACE_SIZE) -> tuple[int, int, int, int]:
+def paste_region(
+    inverse: np.ndarray, width: int, height: int, size: int = FACE_SIZE
+) -> tuple[int, int, int, int]:
     """Bounding box (clipped to the image) of the crop square mapped back into the image."""
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
     pts = corners @ inverse.T
@@ -70,7 +75,9 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = FACE_SIZE) ->
         # face's neighbourhood with area averaging first and warp from that.
         w, h = x1 - x0, y1 - y0
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        src = cv2.resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (nw, nh), interpolation=cv2.INTER_AREA)
+        src = cv2.resize(
+            np.ascontiguousarray(rgb[y0:y1, x0:x1]), (nw, nh), interpolation=cv2.INTER_AREA
+        )
         back = np.array([[w / nw, 0.0, x0], [0.0, h / nh, y0], [0.0, 0.0, 1.0]])  # small -> image
         m_src = m @ back
     crop = cv2.warpAffine(
@@ -102,7 +109,9 @@ def paste_face(
     inv = face.inverse.copy()
     inv[:, 2] -= (x0, y0)  # warp straight into the region, not the whole image
     rw, rh = x1 - x0, y1 - y0
-    back = cv2.warpAffine(np.ascontiguousarray(restored, np.float32), inv, (rw, rh), flags=cv2.INTER_LINEAR)
+    back = cv2.warpAffine(
+        np.ascontiguousarray(restored, np.float32), inv, (rw, rh), flags=cv2.INTER_LINEAR
+    )
     mask = cv2.warpAffine(np.ones((size, size), np.float32), inv, (rw, rh), flags=cv2.INTER_LINEAR)
     # Keep only pixels fully inside the square (the interpolated rim would mix in the black
     # outside), shave one more pixel, then feather inwards.

@@ -11,8 +11,9 @@ Pipeline (all CPU, no downloads; needs opencv-python-headless 4.x, whose wheel s
 3. Landmarks: with an eye pair, the two eye centres fix position, scale and roll; the nose and
    mouth corners are then placed by the similarity transform that maps the FFHQ template's eyes
    onto them (i.e. alignment is effectively from the eye pair). Without an eye pair, the eyes are
-   put at fixed fractions of the Haar box (measured: ~(0.28, 0.37) and (0.72, 0.37)); no roll.
-   RetinaFace (`retinaface.py`, when its weights are configured) yields real 5-point landmarks in the same `DetectedFace`.
+   put at fixed fractions of the Haar box (`BOX_EYES`, measured on frontal faces); no roll.
+   RetinaFace (`retinaface.py`, when its weights are configured) yields real 5-point landmarks in
+   the same `DetectedFace`.
 
 Limits (documented for users): frontal, upright faces only (roughly within +-15 degrees of roll and
 modest yaw); profile faces, strong occlusion and faces smaller than ~24 px in the detection image
@@ -98,11 +99,13 @@ class OpenCVFaceDetector:
         try:
             import cv2
         except Exception as exc:  # ImportError, or a broken binary wheel
-            raise DetectorUnavailable(f"opencv cannot be imported ({exc.__class__.__name__}: {exc})")
+            raise DetectorUnavailable(
+                f"opencv cannot be imported ({exc.__class__.__name__}: {exc})"
+            ) from exc
         if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
             raise DetectorUnavailable(
-                f"this OpenCV ({getattr(cv2, '__version__', '?')}) has no CascadeClassifier / bundled "
-                "cascades; install opencv-python-headless 4.x"
+                f"this OpenCV ({getattr(cv2, '__version__', '?')}) has no CascadeClassifier"
+                " / bundled cascades; install opencv-python-headless 4.x"
             )
         self._cv2 = cv2
         self._lock = threading.Lock()  # CascadeClassifier is not documented as thread-safe
@@ -131,7 +134,9 @@ class OpenCVFaceDetector:
         small = gray
         if scale < 1.0:
             small = cv2.resize(
-                gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+                gray,
+                (max(1, round(w * scale)), max(1, round(h * scale))),
+                interpolation=cv2.INTER_AREA,
             )
         if min(small.shape) < HAAR_MIN_PX:
             return []
@@ -139,7 +144,9 @@ class OpenCVFaceDetector:
             small, scaleFactor=1.1, minNeighbors=3, minSize=(HAAR_MIN_PX, HAAR_MIN_PX)
         )
         faces: list[DetectedFace] = []
-        for (bx, by, bw, bh), n in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(neighbours).ravel()):
+        for (bx, by, bw, bh), n in zip(
+            np.asarray(boxes).reshape(-1, 4), np.asarray(neighbours).ravel()
+        ):
             box = (bx / scale, by / scale, bw / scale, bh / scale)
             face = self._verify(gray, box, int(n))
             if face is not None:
@@ -155,12 +162,19 @@ class OpenCVFaceDetector:
         f = VERIFY_PX / w
         pad = 0.3 * w
         x0, y0 = max(0, int(x - pad)), max(0, int(y - pad))
-        x1, y1 = min(gray.shape[1], int(np.ceil(x + w + pad))), min(gray.shape[0], int(np.ceil(y + h + pad)))
+        x1, y1 = (
+            min(gray.shape[1], int(np.ceil(x + w + pad))),
+            min(gray.shape[0], int(np.ceil(y + h + pad))),
+        )
         roi = gray[y0:y1, x0:x1]
         if roi.size == 0:
             return None
         interp = cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
-        roi = cv2.resize(roi, (max(1, round(roi.shape[1] * f)), max(1, round(roi.shape[0] * f))), interpolation=interp)
+        roi = cv2.resize(
+            roi,
+            (max(1, round(roi.shape[1] * f)), max(1, round(roi.shape[0] * f))),
+            interpolation=interp,
+        )
         _, alt_n = self._alt.detectMultiScale2(
             roi,
             scaleFactor=1.05,
@@ -188,7 +202,13 @@ class OpenCVFaceDetector:
         else:
             ok = with_eyes or alt >= _ALT_STRONG
         if not ok:
-            log.debug("face candidate %s rejected (default=%d alt2=%d eyes=%s)", box, n_default, alt, pair is not None)
+            log.debug(
+                "face candidate %s rejected (default=%d alt2=%d eyes=%s)",
+                box,
+                n_default,
+                alt,
+                pair is not None,
+            )
             return None
         if pair is not None:
             (lx, ly), (rx, ry) = pair
@@ -197,7 +217,10 @@ class OpenCVFaceDetector:
         else:
             lm = landmarks_from_box(*box)
         return DetectedFace(
-            box=tuple(float(v) for v in box), landmarks=lm, eyes_found=pair is not None, score=float(alt)
+            box=tuple(float(v) for v in box),
+            landmarks=lm,
+            eyes_found=pair is not None,
+            score=float(alt),
         )
 
 
@@ -221,7 +244,10 @@ def _pick_eye_pair(eyes: np.ndarray, n: int):
     if len(eyes) < 2:
         return None
     centres = [(ex + ew / 2.0, ey + eh / 2.0) for ex, ey, ew, eh in eyes]
-    (elx, ely), (erx, ery) = ((BOX_EYES[0][0] * n, BOX_EYES[0][1] * n), (BOX_EYES[1][0] * n, BOX_EYES[1][1] * n))
+    (elx, ely), (erx, ery) = (
+        (BOX_EYES[0][0] * n, BOX_EYES[0][1] * n),
+        (BOX_EYES[1][0] * n, BOX_EYES[1][1] * n),
+    )
     best, best_cost = None, None
     for i, (ax, ay) in enumerate(centres):
         for j, (bx, by) in enumerate(centres):

@@ -2,8 +2,8 @@
 
 Detection is OpenCV's Haar cascades, or RetinaFace (`detector: retinaface`, facexlib's weight file).
 A RetinaFace file that cannot be used (missing, checksum mismatch, corrupt, not a RetinaFace, torch
-not importable, device unavailable) does not disable the pass: detection falls back to OpenCV, with a
-warning in the log and a "detector fallback: ..." note in every face model's `models_info` detail.
+not importable, device unavailable) does not disable the pass: detection falls back to OpenCV, with
+a warning in the log and a "detector fallback: ..." note in every face model's `models_info` detail.
 
 Never raises for an environment problem (missing/corrupt weights, spandrel or torch not
 importable, OpenCV without cascades, a failure or OOM during a forward pass): the picture comes
@@ -21,18 +21,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from hiresfix.face.align import FACE_SIZE, align_face, paste_face
 from hiresfix.face.detect import DetectedFace, DetectorUnavailable, OpenCVFaceDetector
-from hiresfix.face.settings import FaceModelSpec, FaceSettings
+from hiresfix.face.settings import FaceSettings
 from hiresfix.images import Picture
-from hiresfix.schemas import FaceRestorationInfo, ModelInfo
-from hiresfix.weights import sha256_file
+from hiresfix.runtime import (
+    AUTO_ON_GPU,
+    ModelRecord,
+    free_device_memory,
+    is_oom,
+    pick_device,
+    pick_dtype,
+)
+from hiresfix.schemas import FaceRestorationInfo, FallbackReason, ModelInfo
+from hiresfix.weights import file_problem
 
 log = logging.getLogger("hiresfix.face")
 
@@ -42,23 +49,6 @@ SUPPORTED_ARCHS = ("GFPGAN", "RestoreFormer", "CodeFormer")
 
 class UnknownFaceModelError(ValueError):
     """A request named a face model that is not configured."""
-
-
-@dataclass
-class _Model:
-    spec: FaceModelSpec
-    path: Path
-    descriptor: Any = None  # spandrel ImageModelDescriptor once loaded
-    architecture: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    reason: str | None = None  # code, when unusable
-    detail: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def loaded(self) -> bool:
-        return self.descriptor is not None
 
 
 @dataclass
@@ -73,10 +63,13 @@ class FaceTimings:
 
 
 class FaceRestorer:
+    """Every configured restorer as a ModelRecord whose `model` is its spandrel descriptor once
+    loaded, and the face detector."""
+
     def __init__(
         self,
         settings: FaceSettings,
-        models: dict[str, _Model],
+        models: dict[str, ModelRecord],
         detector: Any,  # OpenCVFaceDetector | RetinaFaceDetector | None
         detector_error: str | None,
         detector_note: str | None = None,
@@ -90,31 +83,37 @@ class FaceRestorer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_settings(cls, s: FaceSettings) -> "FaceRestorer":
+    def from_settings(cls, s: FaceSettings) -> FaceRestorer:
         """Load every configured model now. Problems are recorded and logged, never raised."""
         detector, detector_error, detector_note = _build_detector(s)
 
-        models = {m.name: _Model(spec=m, path=s.model_path(m)) for m in s.models}
+        models = {m.name: ModelRecord(m, s.model_path(m)) for m in s.models}
         if models:
-            spandrel_mod, torch_mod, lib_error = _import_backend()
+            spandrel_mod, lib_error = _import_backend()
             for m in models.values():
                 if lib_error is not None:
-                    m.reason, m.detail = "not_installed", lib_error
+                    m.fail(FallbackReason.not_installed, lib_error)
                 else:
-                    _load_model(m, s, spandrel_mod, torch_mod)
-                if m.loaded:
+                    _load_model(m, s, spandrel_mod)
+                if m.available:
                     log.info(
                         "face model %r loaded: %s on %s/%s from %s",
-                        m.spec.name, m.architecture, m.device, m.dtype, m.path,
+                        m.name,
+                        m.architecture,
+                        m.device,
+                        m.dtype,
+                        m.path,
                     )
                 else:
-                    log.warning("face model %r unavailable (%s): %s", m.spec.name, m.reason, m.detail)
+                    log.warning(
+                        "face model %r unavailable (%s): %s", m.name, m.reason.value, m.detail
+                    )
         return cls(s, models, detector, detector_error, detector_note)
 
     # ------------------------------------------------------------------ status
     def available(self) -> bool:
         """True when the detector works and at least one configured restorer is loaded."""
-        return self._detector is not None and any(m.loaded for m in self._models.values())
+        return self._detector is not None and any(m.available for m in self._models.values())
 
     @property
     def detector(self) -> Any:
@@ -123,7 +122,7 @@ class FaceRestorer:
 
     @property
     def detector_name(self) -> str | None:
-        """"opencv", "retinaface", or None when no detector works."""
+        """ "opencv", "retinaface", or None when no detector works."""
         return getattr(self._detector, "name", None)
 
     @property
@@ -135,7 +134,10 @@ class FaceRestorer:
         return list(self._models)
 
     def resolve(self, name: str | None) -> str:
-        """The configured model a request means (None = the default). Unknown -> UnknownFaceModelError."""
+        """The configured model a request means (None = the default).
+
+        Unknown -> UnknownFaceModelError.
+        """
         if name is None:
             default = self.settings.default_name()
             if default is None:
@@ -151,30 +153,21 @@ class FaceRestorer:
         default = self.settings.default_name()
         out = []
         for name, m in self._models.items():
-            reason, detail = m.reason, m.detail
-            if m.loaded and self._detector is None:
-                reason, detail = "not_installed", self._detector_error
-            elif m.loaded and self._detector_note:
-                detail = "; ".join(x for x in (detail, self._detector_note) if x)
-            out.append(
-                ModelInfo(
-                    name=name,
-                    kind="face",
-                    available=m.loaded and self._detector is not None,
-                    default=name == default,
-                    scale=None,
-                    architecture=m.architecture,
-                    device=m.device,
-                    dtype=m.dtype,
-                    reason=reason,
-                    detail=detail,
+            overrides: dict[str, Any] = {}
+            if m.available and self._detector is None:
+                overrides = dict(
+                    available=False,
+                    reason=FallbackReason.not_installed.value,
+                    detail=self._detector_error,
                 )
-            )
+            elif m.available and self._detector_note:
+                overrides = dict(detail="; ".join(x for x in (m.detail, self._detector_note) if x))
+            out.append(m.info("face", name == default, **overrides))
         return out
 
     def descriptor(self, name: str | None = None) -> Any:
         """The loaded spandrel descriptor of a model (None when unavailable); for ops and tests."""
-        return self._models[self.resolve(name)].descriptor
+        return self._models[self.resolve(name)].model
 
     @property
     def last_timings(self) -> FaceTimings:
@@ -182,7 +175,10 @@ class FaceRestorer:
 
     # ------------------------------------------------------------------ work
     def detect(self, picture: Picture) -> list[DetectedFace]:
-        """Every verified face (any size the detector sees), largest first. Raises if no detector."""
+        """Every verified face (any size the detector sees), largest first.
+
+        Raises if no detector.
+        """
         if self._detector is None:
             raise RuntimeError(self._detector_error or "face detector unavailable")
         return self._detector.detect(picture.rgb, self.settings.min_face_size)
@@ -197,11 +193,13 @@ class FaceRestorer:
         timings = FaceTimings()
         self._local.timings = timings
         if not self._models and model is None:
-            return picture, _not_applied(None, 0, "not_configured: no face restoration model is configured")
+            return picture, _not_applied(
+                None, 0, "not_configured: no face restoration model is configured"
+            )
         name = self.resolve(model)
         m = self._models[name]
-        if not m.loaded:
-            return picture, _not_applied(name, 0, f"{m.reason}: {m.detail}")
+        if not m.available:
+            return picture, _not_applied(name, 0, f"{m.reason.value}: {m.detail}")
         if self._detector is None:
             return picture, _not_applied(name, 0, self._detector_error)
         w = float(weight)
@@ -224,7 +222,9 @@ class FaceRestorer:
                     f"{self.settings.min_face_size} px",
                 )
             if w == 0.0:
-                return picture, _not_applied(name, found, "zero_weight: face_restoration_weight is 0")
+                return picture, _not_applied(
+                    name, found, "zero_weight: face_restoration_weight is 0"
+                )
             usable = usable[: self.settings.max_faces]
 
             rgb = None  # copied once, on the first paste; faces are always cut from the input
@@ -244,10 +244,12 @@ class FaceRestorer:
                 timings.paste += time.perf_counter() - t
                 timings.faces += 1
         except Exception as exc:  # a failure in the pass must not fail the request
-            code = "out_of_memory" if _is_oom(exc) else "error"
+            code = "out_of_memory" if is_oom(exc) else "error"
             if code == "out_of_memory":
-                _free_cuda_cache()
-            log.warning("face restoration with %r failed; image left unchanged", name, exc_info=True)
+                free_device_memory(m.device)
+            log.warning(
+                "face restoration with %r failed; image left unchanged", name, exc_info=True
+            )
             return picture, _not_applied(name, found, f"{code}: {exc.__class__.__name__}: {exc}")
         out = picture.with_pixels(rgb, picture.alpha)
         return out, FaceRestorationInfo(applied=True, faces_found=found, model=name)
@@ -273,9 +275,9 @@ class FaceRestorer:
         import torch
 
         m = self._models[self.resolve(name)]
-        if not m.loaded:
+        if not m.available:
             raise RuntimeError(f"face model {name!r} is not available: {m.detail}")
-        desc = m.descriptor
+        desc = m.model
         with m.lock, torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]
             x = x.to(device=desc.device, dtype=desc.dtype).clamp_(0.0, 1.0)
@@ -297,35 +299,16 @@ def _not_applied(model: str | None, found: int, reason: str | None) -> FaceResto
     return FaceRestorationInfo(applied=False, faces_found=found, model=model, reason=reason)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, MemoryError)
-        or type(exc).__name__ == "OutOfMemoryError"
-        or "out of memory" in str(exc).lower()
-        or "can't allocate memory" in str(exc).lower()  # torch's CPU allocator
-    )
-
-
-def _free_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
-
-
 def _import_backend():
-    """(spandrel, torch, None) or (None, None, why)."""
+    """(spandrel, None) or (None, why)."""
     try:
-        import torch
+        import torch  # noqa: F401 - named in the reason when it is the one missing
     except Exception as exc:
-        return None, None, f"torch cannot be imported ({exc.__class__.__name__}: {exc})"
+        return None, f"torch cannot be imported ({exc.__class__.__name__}: {exc})"
     try:
         import spandrel
     except Exception as exc:
-        return None, None, f"spandrel cannot be imported ({exc.__class__.__name__}: {exc})"
+        return None, f"spandrel cannot be imported ({exc.__class__.__name__}: {exc})"
     try:  # CodeFormer & co. (non-commercial licences): only when the operator installed them
         import spandrel_extra_arches  # type: ignore[import-not-found]
 
@@ -337,7 +320,7 @@ def _import_backend():
         pass
     except Exception as exc:  # already installed by another component, or a version mismatch
         log.debug("spandrel_extra_arches.install(): %s", exc)
-    return spandrel, torch, None
+    return spandrel, None
 
 
 def _build_detector(s: FaceSettings) -> tuple[Any, str | None, str | None]:
@@ -350,7 +333,9 @@ def _build_detector(s: FaceSettings) -> tuple[Any, str | None, str | None]:
             log.info("face detector: %s from %s", det.describe(), s.retinaface_path())
             return det, None, note
         note = f"detector fallback: retinaface unavailable ({why}); using opencv"
-        log.warning("RetinaFace face detector unavailable (%s); falling back to the OpenCV detector", why)
+        log.warning(
+            "RetinaFace face detector unavailable (%s); falling back to the OpenCV detector", why
+        )
     try:
         return OpenCVFaceDetector(), None, note
     except DetectorUnavailable as exc:
@@ -364,27 +349,21 @@ def _build_detector(s: FaceSettings) -> tuple[Any, str | None, str | None]:
 def _load_retinaface(s: FaceSettings):
     """(RetinaFaceDetector, None) or (None, "<code>: <detail>"). Never raises."""
     path = s.retinaface_path()
-    if path is None or not path.is_file():
-        return None, f"weights_missing: weights file not found: {path}"
+    problem = file_problem(path, s.retinaface_sha256)
+    if problem:
+        return None, f"weights_missing: {problem}"
     try:
-        import torch
-    except Exception as exc:
+        from hiresfix.face.retinaface import RetinaFaceDetector  # imports torch
+    except ImportError as exc:
         return None, f"not_installed: torch cannot be imported ({exc.__class__.__name__}: {exc})"
     try:
-        if s.retinaface_sha256 is not None:
-            digest = sha256_file(path)
-            if digest != s.retinaface_sha256:
-                return None, (
-                    f"weights_missing: checksum mismatch for {path}: expected {s.retinaface_sha256}, got {digest}"
-                )
-        device = _pick_device(s, torch)
-        from hiresfix.face.retinaface import RetinaFaceDetector
+        device = pick_device(s.device)
     except Exception as exc:
         return None, f"error: {exc.__class__.__name__}: {exc}"
     try:
         det = RetinaFaceDetector.from_file(path, device=device, threshold=s.detector_threshold)
     except Exception as exc:
-        code = "out_of_memory" if _is_oom(exc) else "error"
+        code = "out_of_memory" if is_oom(exc) else "error"
         return None, (
             f"{code}: cannot load {path} as a RetinaFace detector (corrupt or unsupported file): "
             f"{exc.__class__.__name__}: {exc}"
@@ -392,69 +371,57 @@ def _load_retinaface(s: FaceSettings):
     return det, None
 
 
-def _pick_device(s: FaceSettings, torch) -> str:
-    if s.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if s.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' is configured but torch.cuda.is_available() is False")
-    return s.device
-
-
-def _load_model(m: _Model, s: FaceSettings, spandrel, torch) -> None:
-    """Fill m.descriptor, or m.reason/m.detail. Never raises."""
+def _load_model(m: ModelRecord, s: FaceSettings, spandrel) -> None:
+    """Fill m with the loaded descriptor, or with why not. Never raises."""
     path = m.path
-    if not path.is_file():
-        m.reason, m.detail = "weights_missing", f"weights file not found: {path}"
+    problem = file_problem(path, m.spec.sha256)
+    if problem:
+        m.fail(FallbackReason.weights_missing, problem)
         return
     try:
-        if m.spec.sha256 is not None:
-            digest = sha256_file(path)
-            if digest != m.spec.sha256:
-                m.reason = "weights_missing"
-                m.detail = f"checksum mismatch for {path}: expected {m.spec.sha256}, got {digest}"
-                return
-        device = _pick_device(s, torch)
+        device = pick_device(s.device)
     except Exception as exc:
-        m.reason, m.detail = "error", f"{exc.__class__.__name__}: {exc}"
+        m.fail(FallbackReason.error, f"{exc.__class__.__name__}: {exc}")
         return
     try:
         desc = spandrel.ModelLoader().load_from_file(str(path))
     except Exception as exc:
-        m.reason = "error"
-        m.detail = f"cannot load {path} as a model (corrupt or unsupported file): {exc.__class__.__name__}: {exc}"
+        m.fail(
+            FallbackReason.error,
+            f"cannot load {path} as a model (corrupt or unsupported file): "
+            f"{exc.__class__.__name__}: {exc}",
+        )
         return
     arch = getattr(getattr(desc, "architecture", None), "id", None) or type(desc).__name__
     purpose = getattr(desc, "purpose", None)
     if purpose != "FaceSR" or arch not in SUPPORTED_ARCHS:
-        m.reason = "error"
-        m.detail = (
-            f"{path} is not a supported face restoration model (architecture {arch}, purpose {purpose}); "
-            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        m.fail(
+            FallbackReason.error,
+            f"{path} is not a supported face restoration model"
+            f" (architecture {arch}, purpose {purpose}); "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}",
         )
         return
-    note = None
+    dtype, note = pick_dtype(
+        s.dtype,
+        device,
+        AUTO_ON_GPU["face"],
+        supports_fp16=desc.supports_half,
+        supports_bf16=desc.supports_bfloat16,
+        model=arch,
+    )
     try:
-        dtype = {
-            "auto": torch.float32,
-            "float32": torch.float32,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-        }[s.dtype]
-        if dtype == torch.float16 and not desc.supports_half:
-            dtype, note = torch.float32, f"{arch} does not support float16; running float32"
-        if dtype == torch.bfloat16 and not desc.supports_bfloat16:
-            dtype, note = torch.float32, f"{arch} does not support bfloat16; running float32"
         desc.to(device)
         desc.to(dtype)
         desc.eval()
         for p in desc.model.parameters():
             p.requires_grad_(False)
     except Exception as exc:
-        m.reason = "out_of_memory" if _is_oom(exc) else "error"
-        m.detail = f"cannot move {arch} to {device}: {exc.__class__.__name__}: {exc}"
+        m.fail(
+            FallbackReason.out_of_memory if is_oom(exc) else FallbackReason.error,
+            f"cannot move {arch} to {device}: {exc.__class__.__name__}: {exc}",
+        )
         return
     if note:
-        log.warning("face model %r: %s", m.spec.name, note)
-    m.descriptor, m.architecture = desc, arch
-    m.device, m.dtype = str(desc.device), str(desc.dtype).replace("torch.", "")
-    m.detail = note
+        log.warning("face model %r: %s", m.name, note)
+    m.loaded(desc, arch, device, dtype, note)

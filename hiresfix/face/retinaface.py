@@ -1,9 +1,10 @@
 """RetinaFace face detector (pure torch), weight-compatible with facexlib's released files.
 
-Loads, unchanged, the two files facexlib publishes (v0.1.0 release, MIT, from biubug6/Pytorch_Retinaface):
+Loads, unchanged, the two files facexlib publishes (v0.1.0 release, MIT, from
+biubug6/Pytorch_Retinaface):
 
-* `detection_Resnet50_Final.pth`   - ResNet-50 backbone (torchvision layout: `body.conv1`, `body.layer1..4`),
-  FPN/SSH width 256;
+* `detection_Resnet50_Final.pth`   - ResNet-50 backbone (torchvision layout: `body.conv1`,
+  `body.layer1..4`), FPN/SSH width 256;
 * `detection_mobilenet0.25_Final.pth` - MobileNetV1 x0.25 backbone (`body.stage1..3`), width 64.
 
 The state-dict layout is facexlib's `RetinaFace` module exactly (`body.*`, `fpn.output1..3`,
@@ -20,8 +21,8 @@ Algorithm (facexlib `RetinaFace.detect_faces` / biubug6 `detect.py`):
    offsets (10);
 3. priors: for each level (steps 8/16/32, min sizes 16,32 / 64,128 / 256,512), for each feature
    cell row-major, for each min size: (cx, cy, s/W, s/H), normalised, clip off;
-4. decode with variances (0.1, 0.2): centre = prior_c + d * 0.1 * prior_s, size = prior_s * exp(d * 0.2);
-   landmarks = prior_c + d * 0.1 * prior_s; scale by (W, H);
+4. decode with variances (0.1, 0.2): centre = prior_c + d * 0.1 * prior_s,
+   size = prior_s * exp(d * 0.2); landmarks = prior_c + d * 0.1 * prior_s; scale by (W, H);
 5. keep score > threshold, sort by score, NMS at IoU 0.4 (facexlib's `py_cpu_nms`, with its +1
    pixel area convention).
 
@@ -48,9 +49,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -75,10 +76,12 @@ class RetinaFaceLoadError(ValueError):
     """The file is not a RetinaFace state dict this module can run."""
 
 
-# --- building blocks (names = facexlib/biubug6 attribute names, they are the state-dict keys) ------
+# --- building blocks (names = facexlib/biubug6 attribute names, they are the state-dict keys) ---
 def _conv_bn(inp: int, oup: int, stride: int = 1, leaky: float = 0.0) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(inp, oup, 3, stride, 1, bias=False), nn.BatchNorm2d(oup), nn.LeakyReLU(leaky, inplace=True)
+        nn.Conv2d(inp, oup, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.LeakyReLU(leaky, inplace=True),
     )
 
 
@@ -88,7 +91,9 @@ def _conv_bn_no_relu(inp: int, oup: int, stride: int = 1) -> nn.Sequential:
 
 def _conv_bn1x1(inp: int, oup: int, stride: int = 1, leaky: float = 0.0) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(inp, oup, 1, stride, 0, bias=False), nn.BatchNorm2d(oup), nn.LeakyReLU(leaky, inplace=True)
+        nn.Conv2d(inp, oup, 1, stride, 0, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.LeakyReLU(leaky, inplace=True),
     )
 
 
@@ -118,7 +123,9 @@ class MobileNetV1Body(nn.Module):
             _conv_dw(32, 64, 2),
             _conv_dw(64, 64, 1),
         )
-        self.stage2 = nn.Sequential(_conv_dw(64, 128, 2), *[_conv_dw(128, 128, 1) for _ in range(5)])
+        self.stage2 = nn.Sequential(
+            _conv_dw(64, 128, 2), *[_conv_dw(128, 128, 1) for _ in range(5)]
+        )
         self.stage3 = nn.Sequential(_conv_dw(128, 256, 2), _conv_dw(256, 256, 1))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -132,7 +139,9 @@ class _Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -172,7 +181,8 @@ class ResNet50Body(nn.Module):
         downsample = None
         if stride != 1 or self._inplanes != planes * 4:
             downsample = nn.Sequential(
-                nn.Conv2d(self._inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+                nn.Conv2d(self._inplanes, planes * 4, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * 4),
             )
         layers = [_Bottleneck(self._inplanes, planes, stride, downsample)]
         self._inplanes = planes * 4
@@ -195,7 +205,9 @@ class SSH(nn.Module):
         self.conv5X5_1 = _conv_bn(in_channel, out_channel // 4, leaky=leaky)
         self.conv5X5_2 = _conv_bn_no_relu(out_channel // 4, out_channel // 4)
         self.conv7X7_2 = _conv_bn(out_channel // 4, out_channel // 4, leaky=leaky)
-        self.conv7x7_3 = _conv_bn_no_relu(out_channel // 4, out_channel // 4)  # sic: lower-case x upstream
+        self.conv7x7_3 = _conv_bn_no_relu(
+            out_channel // 4, out_channel // 4
+        )  # sic: lower-case x upstream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c3 = self.conv3X3(x)
@@ -303,7 +315,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "params_ema", "params", "model", "net"):
             inner = obj.get(wrapper)
-            if isinstance(inner, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            if isinstance(inner, dict) and not any(
+                isinstance(v, torch.Tensor) for v in obj.values()
+            ):
                 obj = inner
                 break
     if not isinstance(obj, dict) or not obj:
@@ -317,7 +331,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def detect_arch(state: dict[str, torch.Tensor]) -> RetinaFaceArch:
-    """The entry of ARCHS a state dict belongs to; its shapes checked. Raises RetinaFaceLoadError."""
+    """The entry of ARCHS a state dict belongs to; its shapes checked.
+
+    Raises RetinaFaceLoadError.
+    """
     arch = next((a for a in ARCHS if all(k in state for k in a.signature)), None)
     if arch is None:
         sample = ", ".join(sorted(state)[:4])
@@ -329,7 +346,9 @@ def detect_arch(state: dict[str, torch.Tensor]) -> RetinaFaceArch:
     fpn_w = state.get("fpn.output1.0.weight")
     cls_w = state.get("ClassHead.0.conv1x1.weight")
     if fpn_w is None or cls_w is None:
-        raise RetinaFaceLoadError(f"{arch.title} file without FPN or class head (fpn.output1 / ClassHead.0)")
+        raise RetinaFaceLoadError(
+            f"{arch.title} file without FPN or class head (fpn.output1 / ClassHead.0)"
+        )
     expected_fpn = (arch.width, arch.body_channels[0], 1, 1)
     expected_cls = (NUM_ANCHORS * 2, arch.width, 1, 1)
     if tuple(fpn_w.shape) != expected_fpn or tuple(cls_w.shape) != expected_cls:
@@ -342,7 +361,8 @@ def detect_arch(state: dict[str, torch.Tensor]) -> RetinaFaceArch:
 
 
 def build_net(state: dict[str, torch.Tensor]) -> RetinaFaceNet:
-    """A RetinaFaceNet in eval mode holding `state` (facexlib key layout, prefix already stripped)."""
+    """A RetinaFaceNet in eval mode holding `state` (facexlib key layout, prefix already
+    stripped)."""
     arch = detect_arch(state)
     net = RetinaFaceNet(arch)
     own = net.state_dict()
@@ -358,7 +378,8 @@ def build_net(state: dict[str, torch.Tensor]) -> RetinaFaceNet:
     if bad:
         k = bad[0]
         raise RetinaFaceLoadError(
-            f"{arch.title} state dict shape mismatch at {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            f"{arch.title} state dict shape mismatch at {k}:"
+            f" {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         )
     net.load_state_dict(state, strict=False)
     net.eval()
@@ -429,11 +450,13 @@ def postprocess(
     threshold: float = DEFAULT_THRESHOLD,
     nms_threshold: float = NMS_THRESHOLD,
 ) -> Detections:
-    """One image's head outputs (P x 4, P x 2 softmaxed, P x 10) -> thresholded, NMS'd detections."""
+    """One image's head outputs (P x 4, P x 2 softmaxed, P x 10) -> thresholded, NMS'd
+    detections."""
     loc, conf, landms, priors = (t.detach().float().cpu() for t in (loc, conf, landms, priors))
     if not (loc.shape[0] == conf.shape[0] == landms.shape[0] == priors.shape[0]):
         raise ValueError(
-            f"head outputs do not match the priors: loc {tuple(loc.shape)}, conf {tuple(conf.shape)}, "
+            f"head outputs do not match the priors: loc {tuple(loc.shape)},"
+            f" conf {tuple(conf.shape)}, "
             f"landmarks {tuple(landms.shape)}, priors {tuple(priors.shape)}"
         )
     scores = conf[:, 1]
@@ -481,10 +504,14 @@ class RetinaFaceDetector:
         self.nms_threshold = float(nms_threshold)
         self.min_eye_dist = float(min_eye_dist)
         self._lock = threading.Lock()
-        self._mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=self.device).view(
+            1, 3, 1, 1
+        )
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "cpu", **kw) -> "RetinaFaceDetector":
+    def from_file(
+        cls, path: str | Path, device: str | torch.device = "cpu", **kw
+    ) -> RetinaFaceDetector:
         """Load facexlib's release file (or any file in its layout). Raises on a bad file."""
         return cls(build_net(read_state_dict(path)), device, **kw)
 
@@ -502,7 +529,9 @@ class RetinaFaceDetector:
         dh, dw = h, w
         if scale < 1.0:
             dh, dw = max(1, round(h * scale)), max(1, round(w * scale))
-            t = F.interpolate(t, size=(dh, dw), mode="bilinear", align_corners=False, antialias=True)
+            t = F.interpolate(
+                t, size=(dh, dw), mode="bilinear", align_corners=False, antialias=True
+            )
         det = self.run(t - self._mean)
         sx, sy = w / dw, h / dh
         faces = []

@@ -2,9 +2,10 @@
 
 Everything here is validated at start-up: a typo, a duplicate name, a default that names no
 configured model, or `detector: retinaface` without `retinaface_file` is a configuration error that
-stops the replica with a message. Missing or broken weight *files* are not: `FaceRestorer.from_settings`
-records restorers as unavailable (the service keeps answering, faces untouched) and a RetinaFace file
-it cannot use makes detection fall back to the OpenCV detector, with a warning.
+stops the replica with a message. Missing or broken weight *files* are not:
+`FaceRestorer.from_settings` records restorers as unavailable (the service keeps answering, faces
+untouched) and a RetinaFace file it cannot use makes detection fall back to the OpenCV detector,
+with a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hiresfix.weights import WEIGHTS_DIR_ENV, check_model_names, normalise_sha256, weights_dir, weights_path
+from hiresfix.runtime import DeviceSetting, DtypeSetting
+from hiresfix.weights import Sha256, WeightsFolder, check_model_names
 
 
 class FaceModelSpec(BaseModel):
@@ -28,64 +30,62 @@ class FaceModelSpec(BaseModel):
         min_length=1,
         description="Weights file (.pth/.safetensors), relative to weights_dir or absolute.",
     )
-    sha256: str | None = Field(
+    sha256: Sha256 | None = Field(
         None, description="Expected SHA-256 of the file; a mismatch marks the model unavailable."
     )
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, v: str | None) -> str | None:
-        return _hex_digest(v)
 
-
-_hex_digest = normalise_sha256
-
-
-class FaceSettings(BaseModel):
+class FaceSettings(WeightsFolder):
     model_config = ConfigDict(extra="forbid")
 
-    weights_dir: str = Field(
-        "weights", description=f"Folder for relative model files; env {WEIGHTS_DIR_ENV} overrides."
-    )
     models: list[FaceModelSpec] = Field(default_factory=list)
-    default: str | None = Field(None, description="Model used when a request names none; null = first.")
+    default: str | None = Field(
+        None, description="Model used when a request names none; null = first."
+    )
     detector: Literal["opencv", "retinaface"] = Field(
         "opencv",
         description=(
             "opencv: bundled Haar cascades (offline, CPU). retinaface: facexlib's RetinaFace file "
-            "(retinaface_file); if that file cannot be used, detection falls back to opencv with a warning."
+            "(retinaface_file); if that file cannot be used, detection falls back to opencv with a "
+            "warning."
         ),
     )
     retinaface_file: str | None = Field(
         None,
         description=(
-            "RetinaFace weights: facexlib's detection_Resnet50_Final.pth or detection_mobilenet0.25_Final.pth, "
-            "relative to weights_dir or absolute. Required by detector: retinaface; ignored by opencv."
+            "RetinaFace weights: facexlib's detection_Resnet50_Final.pth or "
+            "detection_mobilenet0.25_Final.pth, relative to weights_dir or absolute. "
+            "Required by detector: retinaface; ignored by opencv."
         ),
     )
-    retinaface_sha256: str | None = Field(
-        None, description="Expected SHA-256 of retinaface_file; a mismatch makes detection fall back to opencv."
+    retinaface_sha256: Sha256 | None = Field(
+        None,
+        description=(
+            "Expected SHA-256 of retinaface_file; a mismatch makes detection fall back to opencv."
+        ),
     )
     detector_threshold: float = Field(
         0.97,
         gt=0.0,
         lt=1.0,
-        description="RetinaFace face score needed (0.97 = facexlib's FaceRestoreHelper, what GFPGAN uses). "
-        "Ignored by opencv.",
+        description=(
+            "RetinaFace face score needed (0.97 = facexlib's FaceRestoreHelper, what GFPGAN uses). "
+            "Ignored by opencv."
+        ),
     )
-    min_face_size: int = Field(48, ge=1, description="Faces smaller than this (px, box side) are skipped.")
+    min_face_size: int = Field(
+        48, ge=1, description="Faces smaller than this (px, box side) are skipped."
+    )
     max_faces: int = Field(
         8, ge=1, description="At most this many faces (largest first) are restored per image."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float32 (GFPGAN does not support float16)."
+    device: DeviceSetting = "auto"
+    dtype: DtypeSetting = Field(
+        "auto",
+        description=(
+            "auto = fp32 (GFPGAN does not support fp16); a precision the model lacks runs fp32."
+        ),
     )
-
-    @field_validator("retinaface_sha256")
-    @classmethod
-    def _retinaface_digest(cls, v: str | None) -> str | None:
-        return _hex_digest(v)
 
     @field_validator("retinaface_file")
     @classmethod
@@ -95,28 +95,22 @@ class FaceSettings(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _detector_configured(self) -> "FaceSettings":
+    def _detector_configured(self) -> FaceSettings:
         if self.detector == "retinaface" and self.retinaface_file is None:
             raise ValueError(
-                "detector 'retinaface' needs retinaface_file: facexlib's detection_Resnet50_Final.pth or "
-                "detection_mobilenet0.25_Final.pth (relative to weights_dir or absolute); or use detector: opencv"
+                "detector 'retinaface' needs retinaface_file: facexlib's "
+                "detection_Resnet50_Final.pth or detection_mobilenet0.25_Final.pth "
+                "(relative to weights_dir or absolute); or use detector: opencv"
             )
         return self
 
     @model_validator(mode="after")
-    def _names_consistent(self) -> "FaceSettings":
+    def _names_consistent(self) -> FaceSettings:
         check_model_names("face model", [m.name for m in self.models], self.default)
         return self
 
-    # --- derived values (read the environment when called, never stored in the dump) ---
-    def effective_weights_dir(self) -> Path:
-        return weights_dir(self.weights_dir)
-
-    def model_path(self, spec: FaceModelSpec) -> Path:
-        return weights_path(self.weights_dir, spec.file)
-
     def retinaface_path(self) -> Path | None:
-        return None if self.retinaface_file is None else weights_path(self.weights_dir, self.retinaface_file)
+        return None if self.retinaface_file is None else self.weights_file(self.retinaface_file)
 
     def default_name(self) -> str | None:
         if self.default is not None:

@@ -2,9 +2,8 @@
 
 from hiresfix.sdxl.generate import BaseStage, RefineStage, hires_schedule_length, request_seeds
 from hiresfix.sdxl.loading import ModelLoadError, load_base_pipeline, load_refine_pipeline
-from hiresfix.sdxl.schedulers import SCHEDULER_FACTORIES, make_scheduler
+from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.sdxl.settings import SDXLSettings
-from hiresfix.sdxl.single_file import save_single_file
 from hiresfix.sdxl.tiny import build_tiny_sdxl
 
 __all__ = [
@@ -14,10 +13,8 @@ __all__ = [
     "load_refine_pipeline",
     "BaseStage",
     "RefineStage",
-    "SCHEDULER_FACTORIES",
     "make_scheduler",
     "build_tiny_sdxl",
-    "save_single_file",
     "hires_schedule_length",
     "request_seeds",
 ]

@@ -22,7 +22,7 @@ import dataclasses
 import secrets
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -73,7 +73,9 @@ class BaseStage:
             # On the CPU: the batch may be pickled to a refine replica on another device.
             batch = ImageBatch(pictures=[], seeds=list(seeds), latents=out.images.cpu())
         else:
-            batch = ImageBatch(pictures=[Picture.from_pil(im) for im in out.images], seeds=list(seeds))
+            batch = ImageBatch(
+                pictures=[Picture.from_pil(im) for im in out.images], seeds=list(seeds)
+            )
         batch.add_time("base", time.perf_counter() - start)
         return batch
 
@@ -83,13 +85,17 @@ class RefineStage:
         self.pipe = img2img_pipe
         self._serial = _vae_guard(img2img_pipe)
 
-    def hires(self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None) -> ImageBatch:
+    def hires(
+        self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None
+    ) -> ImageBatch:
         """A1111 hires fix, second pass: img2img of pictures already resized to the hires size."""
         start = time.perf_counter()
         pictures = batch.pictures
         sizes = {p.size for p in pictures}
         if not pictures or len(sizes) != 1 or any(v % 8 for v in next(iter(sizes))):
-            raise ValueError(f"hires needs pictures of one size, multiples of 8 (got {sorted(sizes)})")
+            raise ValueError(
+                f"hires needs pictures of one size, multiples of 8 (got {sorted(sizes)})"
+            )
         seeds = _batch_seeds(batch, len(pictures))
         pipe = request_pipeline(self.pipe, req.hires_scheduler or req.scheduler)
         cfg = req.guidance_scale if req.hires_guidance_scale is None else req.hires_guidance_scale
@@ -100,7 +106,9 @@ class RefineStage:
             cfg,
         )
         steps = hires_schedule_length(
-            req.num_inference_steps, req.hires_steps, req.denoising_strength,
+            req.num_inference_steps,
+            req.hires_steps,
+            req.denoising_strength,
             pipe.scheduler.config.num_train_timesteps,
         )
         with self._serial:
@@ -114,13 +122,20 @@ class RefineStage:
                 generator=generators(seeds),
                 callback_on_step_end=_diffusers_callback(on_step),
             )
-        refined = [p.with_pixels(Picture.from_pil(im).rgb, p.alpha) for p, im in zip(pictures, out.images)]
-        result = dataclasses.replace(batch, pictures=refined, seeds=list(seeds), timings=dict(batch.timings))
+        refined = [
+            p.with_pixels(Picture.from_pil(im).rgb, p.alpha) for p, im in zip(pictures, out.images)
+        ]
+        result = dataclasses.replace(
+            batch, pictures=refined, seeds=list(seeds), timings=dict(batch.timings)
+        )
         result.add_time("refine", time.perf_counter() - start)
         return result
 
-    def finish(self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None) -> ImageBatch:
-        """Ensemble-of-experts: denoise the base latents from refiner_switch_at to the end, decode."""
+    def finish(
+        self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None
+    ) -> ImageBatch:
+        """Ensemble-of-experts: denoise the base latents from refiner_switch_at to the end,
+        decode."""
         if batch.latents is None or req.refiner_switch_at is None:
             raise ValueError("finish needs a batch from BaseStage.run with refiner_switch_at set")
         start = time.perf_counter()
@@ -167,7 +182,9 @@ def request_pipeline(pipe, scheduler_name: str):
     weights are copied or moved), and nothing a call writes on it is seen by another request."""
     scheduler = make_scheduler(scheduler_name, pipe.scheduler.config)
     _, optional = pipe._get_signature_keys(pipe)
-    options = {k: pipe.config[k] for k in optional if k in pipe.config}  # force_zeros_for_empty_prompt, ...
+    options = {
+        k: pipe.config[k] for k in optional if k in pipe.config
+    }  # force_zeros_for_empty_prompt, ...
     per_request = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **options)
     per_request.set_progress_bar_config(disable=True)
     return per_request

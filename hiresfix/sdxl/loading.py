@@ -1,7 +1,8 @@
 """Load the SDXL base and refine pipelines from SDXLSettings, failing at start-up, not per request.
 
-`from_pretrained` (folder, hub id, the built tiny model) and `from_single_file` are the only ways in.
-Every failure becomes a ModelLoadError that names the file, folder or hub id and says what to do.
+`from_pretrained` (folder, hub id, the built tiny model) and `from_single_file` are the only ways
+in. Every failure becomes a ModelLoadError that names the file, folder or hub id and says what to
+do.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDif
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
+from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype
 from hiresfix.sdxl.settings import SDXLSettings
 from hiresfix.sdxl.single_file import OPEN_CLIP_BASE, OPEN_CLIP_REFINER, UNET
 from hiresfix.sdxl.tiny import build_tiny_sdxl
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelLoadError(RuntimeError):
@@ -29,7 +29,9 @@ def load_base_pipeline(s: SDXLSettings) -> StableDiffusionXLPipeline:
     device, dtype = resolve_device_dtype(s)
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
-    return _load(StableDiffusionXLPipeline, s.source, s.path, s.single_file_config, s, device, dtype, "base")
+    return _load(
+        StableDiffusionXLPipeline, s.source, s.path, s.single_file_config, s, device, dtype, "base"
+    )
 
 
 def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None = None):
@@ -45,20 +47,23 @@ def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     return _load(
-        StableDiffusionXLImg2ImgPipeline, s.refiner_source, s.refiner_path, s.refiner_single_file_config,
-        s, device, dtype, "refiner",
+        StableDiffusionXLImg2ImgPipeline,
+        s.refiner_source,
+        s.refiner_path,
+        s.refiner_single_file_config,
+        s,
+        device,
+        dtype,
+        "refiner",
     )
 
 
 def resolve_device_dtype(s: SDXLSettings) -> tuple[torch.device, torch.dtype]:
-    if s.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif s.device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' is configured but torch sees no CUDA device")
-    else:
-        device = torch.device(s.device)
-    # Half precision on a CPU is slow and fp16 partly unsupported there: auto means fp32 on CPU.
-    dtype = _DTYPES[s.dtype] if s.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        device = pick_device(s.device)
+    except RuntimeError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    dtype, _ = pick_dtype(s.dtype, device, AUTO_ON_GPU["sdxl"])  # SDXL runs in every precision
     return device, dtype
 
 
@@ -70,7 +75,11 @@ def _load(cls, source, path, sf_config, s: SDXLSettings, device, dtype, role: st
         if s.vae_path:
             kwargs["vae"] = _load_vae(s.vae_path, dtype)
         if source == "tiny":
-            folder = Path(path) if path else Path(s.cache_dir) / ("tiny-sdxl-refiner" if refiner else "tiny-sdxl")
+            folder = (
+                Path(path)
+                if path
+                else Path(s.cache_dir) / ("tiny-sdxl-refiner" if refiner else "tiny-sdxl")
+            )
             where = str(folder)
             build_tiny_sdxl(folder, refiner=refiner)
             pipe = cls.from_pretrained(folder, local_files_only=True, **kwargs)
@@ -94,11 +103,13 @@ def _load(cls, source, path, sf_config, s: SDXLSettings, device, dtype, role: st
         hint = ""
         if source == "single_file" and not sf_config:
             hint = (
-                "; without single_file_config diffusers needs the matching stabilityai SDXL configs in"
-                " the HF cache: set single_file_config to a diffusers SDXL folder or cached hub id"
+                "; without single_file_config diffusers needs the matching stabilityai SDXL"
+                " configs in the HF cache: set single_file_config to a diffusers SDXL folder or"
+                " cached hub id"
             )
         raise ModelLoadError(
-            f"could not load the SDXL {role} ({source}) from {where}: {type(exc).__name__}: {exc}{hint}"
+            f"could not load the SDXL {role} ({source}) from {where}:"
+            f" {type(exc).__name__}: {exc}{hint}"
         ) from exc
 
 
@@ -108,16 +119,22 @@ def _load_vae(vae_path: str, dtype) -> AutoencoderKL:
             # A VAE folder, or a whole pipeline folder whose vae/ is meant.
             sub = "vae" if os.path.isfile(os.path.join(vae_path, "vae", "config.json")) else None
             _check_folder(os.path.join(vae_path, sub or ""), index="config.json")
-            return AutoencoderKL.from_pretrained(vae_path, subfolder=sub, dtype=dtype, local_files_only=True)
+            return AutoencoderKL.from_pretrained(
+                vae_path, subfolder=sub, dtype=dtype, local_files_only=True
+            )
         if os.path.exists(vae_path):
-            raise ModelLoadError(f"vae_path {vae_path} is a file; give a diffusers VAE folder or a hub id")
+            raise ModelLoadError(
+                f"vae_path {vae_path} is a file; give a diffusers VAE folder or a hub id"
+            )
         if vae_path.startswith(("/", ".", "~")) or vae_path.count("/") != 1:  # a path, not org/name
             raise ModelLoadError(f"vae_path {vae_path} does not exist (nor is it a hub id)")
         return _from_hub(AutoencoderKL, vae_path, {"dtype": dtype})
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"could not load the VAE from {vae_path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load the VAE from {vae_path}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _from_hub(cls, repo_id: str, kwargs: dict):
@@ -136,12 +153,15 @@ def _from_hub(cls, repo_id: str, kwargs: dict):
 
 def _check_folder(path: str | None, index: str = "model_index.json") -> None:
     """A diffusers folder exists and its safetensors files have readable headers (cheap: the
-    header only), so that a truncated or foreign file is named here rather than deep in diffusers."""
+    header only), so that a truncated or foreign file is named here rather than deep in
+    diffusers."""
     folder = Path(path or "")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist or is not a folder")
     if not (folder / index).is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers model folder: {folder / index} is missing")
+        raise ModelLoadError(
+            f"{folder} is not a diffusers model folder: {folder / index} is missing"
+        )
     for file in sorted(folder.rglob("*.safetensors")):
         _safetensors_keys(file)
 
@@ -169,7 +189,9 @@ def _safetensors_keys(file: Path) -> list[str]:
         with safe_open(str(file), framework="pt") as f:
             return list(f.keys())
     except Exception as exc:
-        raise ModelLoadError(f"weights file {file} is unreadable: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"weights file {file} is unreadable: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _check_complete(pipe, where) -> None:
@@ -192,7 +214,7 @@ def _prepare(pipe, s: SDXLSettings, device: torch.device):
     if s.vae_tiling:
         pipe.vae.enable_tiling()  # only splits images larger than the VAE's sample size
     if s.compile:
-        # In place: the module stays a UNet2DConditionModel, so pipelines made with from_pipe and the
-        # per-request pipelines share the compiled one.
+        # In place: the module stays a UNet2DConditionModel, so pipelines made with from_pipe and
+        # the per-request pipelines share the compiled one.
         pipe.unet.compile()
     return pipe

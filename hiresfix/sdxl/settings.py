@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hiresfix.runtime import DeviceSetting, DtypeSetting
+
 Source = Literal["tiny", "diffusers", "hub", "single_file"]
 
 
@@ -19,17 +21,24 @@ class SDXLSettings(BaseModel):
 
     source: Source = Field(
         "tiny",
-        description="tiny: a small random SDXL built into cache_dir (tests, CPU demos); diffusers: a"
-        " save_pretrained folder; hub: a Hub repo id read from the local HF cache (HF_HUB_OFFLINE=1"
-        " is honoured); single_file: one original-layout .safetensors (A1111/ComfyUI checkpoint).",
+        description=(
+            "tiny: a small random SDXL built into cache_dir (tests, CPU demos); diffusers: a"
+            " save_pretrained folder; hub: a Hub repo id read from the local HF cache"
+            " (HF_HUB_OFFLINE=1 is honoured); single_file: one original-layout .safetensors"
+            " (A1111/ComfyUI checkpoint)."
+        ),
     )
     path: str | None = Field(
-        None, description="Folder, hub id or .safetensors file; for tiny, where to build (optional)."
+        None,
+        description="Folder, hub id or .safetensors file; for tiny, where to build (optional).",
     )
     single_file_config: str | None = Field(
         None,
-        description="single_file only: a diffusers SDXL folder or hub id giving the component configs"
-        " and tokenizers. null = inferred by diffusers (needs that repo's configs in the HF cache).",
+        description=(
+            "single_file only: a diffusers SDXL folder or hub id giving the component configs"
+            " and tokenizers. null = inferred by diffusers (needs that repo's configs in the HF"
+            " cache)."
+        ),
     )
     variant: str | None = Field(
         None,
@@ -38,15 +47,21 @@ class SDXLSettings(BaseModel):
     )
     cache_dir: str = Field(
         default_factory=_default_cache_dir,
-        description="Where the tiny model is built (default: $HIRESFIX_CACHE_DIR or .cache/hiresfix).",
+        description=(
+            "Where the tiny model is built (default: $HIRESFIX_CACHE_DIR or .cache/hiresfix)."
+        ),
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on cuda, fp32 on cpu.")
+    device: DeviceSetting = "auto"
+    dtype: DtypeSetting = Field("auto", description="auto: fp16 on cuda, fp32 on cpu.")
     vae_path: str | None = Field(
         None, description="Optional replacement VAE (folder or hub id), e.g. an fp16-safe SDXL VAE."
     )
-    vae_tiling: bool = Field(True, description="Decode/encode large images in tiles (bounded VRAM).")
-    compile: bool = Field(False, description="torch.compile the UNet (slow first request per size).")
+    vae_tiling: bool = Field(
+        True, description="Decode/encode large images in tiles (bounded VRAM)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the UNet (slow first request per size)."
+    )
     refiner_source: Source | None = Field(
         None, description="null: refine with the base weights as img2img (shared, no extra memory)."
     )
@@ -55,7 +70,7 @@ class SDXLSettings(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads for this process.")
 
     @model_validator(mode="after")
-    def _paths_given(self) -> "SDXLSettings":
+    def _paths_given(self) -> SDXLSettings:
         if self.source != "tiny" and not self.path:
             raise ValueError(f"source={self.source!r} needs a path")
         if self.refiner_source not in (None, "tiny") and not self.refiner_path:

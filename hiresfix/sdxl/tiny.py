@@ -53,15 +53,28 @@ SDXL_SCHEDULER = dict(
 
 # Text encoders: two different widths, like CLIP-L (768) and OpenCLIP-bigG (1280) in SDXL. Equal
 # widths would make single-file loading put the first encoder's weights into the second one.
-_TE1 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            projection_dim=32, hidden_act="quick_gelu")
-_TE2 = dict(hidden_size=48, intermediate_size=53, num_attention_heads=4, num_hidden_layers=2,
-            projection_dim=32, hidden_act="gelu")
+_TE1 = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+)
+_TE2 = dict(
+    hidden_size=48,
+    intermediate_size=53,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    projection_dim=32,
+    hidden_act="gelu",
+)
 _TIME_EMBED = 8  # addition_time_embed_dim (256 in SDXL)
 
 
 def build_tiny_sdxl(folder: str | os.PathLike, refiner: bool = False) -> Path:
-    """Build the tiny SDXL base (or refiner) into `folder` with `save_pretrained`; return the folder.
+    """Build the tiny SDXL base (or refiner) into `folder` with `save_pretrained`; return the
+    folder.
 
     Deterministic (fixed seed, global RNG untouched) and idempotent: a complete folder is left as it
     is. Built in a temporary sibling and renamed into place, so concurrent builders never see half a
@@ -81,7 +94,9 @@ def build_tiny_sdxl(folder: str | os.PathLike, refiner: bool = False) -> Path:
         pipe = tiny_sdxl_pipeline(refiner=refiner, workdir=tmp / "_tokenizer")
         shutil.rmtree(tmp / "_tokenizer")
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / _MARKER).write_text(json.dumps({"version": _VERSION, "seed": SEED, "refiner": refiner}))
+        (tmp / _MARKER).write_text(
+            json.dumps({"version": _VERSION, "seed": SEED, "refiner": refiner})
+        )
         if folder.exists():  # empty folder (e.g. a mount point): fill it, the marker last
             for item in sorted(tmp.iterdir(), key=lambda p: p.name == _MARKER):
                 os.replace(item, folder / item.name)
@@ -104,25 +119,49 @@ def tiny_sdxl_pipeline(refiner: bool = False, workdir: str | os.PathLike | None 
     with torch.random.fork_rng(devices=[]):
         # One seed per component: each is the same whichever others are built (the base and the
         # refiner share their VAE, hence their latent space, as the real pair does).
-        vae = _seeded(1, lambda: AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-            sample_size=64, scaling_factor=0.13025,
-        ))
-        text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(_clip_config(_TE2, tokenizer)))
-        text_encoder = None if refiner else _seeded(2, lambda: CLIPTextModel(_clip_config(_TE1, tokenizer)))
+        vae = _seeded(
+            1,
+            lambda: AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 16, 32, 32),
+                layers_per_block=1,
+                norm_num_groups=8,
+                sample_size=64,
+                scaling_factor=0.13025,
+            ),
+        )
+        text_encoder_2 = _seeded(
+            3, lambda: CLIPTextModelWithProjection(_clip_config(_TE2, tokenizer))
+        )
+        text_encoder = (
+            None if refiner else _seeded(2, lambda: CLIPTextModel(_clip_config(_TE1, tokenizer)))
+        )
         unet = _seeded(5 if refiner else 4, lambda: tiny_unet(refiner))
     scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)  # the real file has extra keys
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
-            tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
         )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
     )
 
 
@@ -173,7 +212,9 @@ def clip_tokenizer(workdir: str | os.PathLike, words=_WORDS) -> CLIPTokenizer:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (workdir / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    )
     (workdir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer.from_pretrained(workdir, model_max_length=77)
 
@@ -181,9 +222,13 @@ def clip_tokenizer(workdir: str | os.PathLike, words=_WORDS) -> CLIPTokenizer:
 def _clip_config(dims: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     # eos_token_id must be the real id: CLIP pools the text embedding at the first eos token.
     return CLIPTextConfig(
-        vocab_size=1000, max_position_embeddings=77, layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **dims,
+        vocab_size=1000,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
     )
 
 
@@ -193,7 +238,12 @@ def _seeded(seed: int, make):
 
 
 def _bytes_to_unicode() -> list[str]:
-    # GPT-2 / CLIP byte-level alphabet: printable bytes stand for themselves, the rest move to U+0100+.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # GPT-2 / CLIP byte-level alphabet: printable bytes stand for themselves, the rest move to
+    # U+0100+.
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     moved = [b for b in range(256) if b not in keep]
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(moved))]

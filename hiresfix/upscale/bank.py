@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from hiresfix.images import Picture
+from hiresfix.runtime import ModelRecord, free_device_memory, is_oom
 from hiresfix.schemas import FallbackReason, ModelInfo
 from hiresfix.stages import UpscaleOutcome
 from hiresfix.upscale.resample import resize_picture, resize_plane
 from hiresfix.upscale.settings import UpscalerModelSpec, UpscalerSettings
-from hiresfix.weights import sha256_file, weights_path
+from hiresfix.weights import file_problem
 
 log = logging.getLogger("hiresfix.upscale")
 
@@ -61,29 +62,19 @@ class UpscaleJob:
     use_neural: bool = True
 
 
-@dataclass
-class _Entry:
-    spec: UpscalerModelSpec
-    path: str
-    runner: Any = None  # runner.Runner when loaded
-    reason: FallbackReason | None = None
-    detail: str | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.runner is not None
-
-
 class UpscalerBank:
-    def __init__(self, settings: UpscalerSettings, entries: list[_Entry]):
+    """Every configured model as a ModelRecord whose `model` is its runner.Runner once loaded."""
+
+    def __init__(self, settings: UpscalerSettings, entries: list[ModelRecord]):
         self.settings = settings
-        self._entries = {e.spec.name: e for e in entries}
+        self._entries = {e.name: e for e in entries}
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_settings(cls, s: UpscalerSettings) -> "UpscalerBank":
+    def from_settings(cls, s: UpscalerSettings) -> UpscalerBank:
         """Load every configured model. Never raises for a missing, corrupt or unimportable model:
-        its status (reason, detail) is recorded, logged, and requests for it fall back to LANCZOS."""
+        its status (reason, detail) is recorded, logged, and requests for it fall back to
+        LANCZOS."""
         runtime, import_error = _import_runtime()
         if runtime is not None and s.models:
             runtime.configure_threads(s.num_threads)
@@ -95,11 +86,16 @@ class UpscalerBank:
         bank = cls(s, entries)
         for e in entries:
             if e.available:
-                r = e.runner
-                log.info("upscaler %s: %s x%d on %s/%s", e.spec.name, r.caps.architecture,
-                         r.caps.scale, r.device_name, r.dtype_name)
+                log.info(
+                    "upscaler %s: %s x%d on %s/%s",
+                    e.name,
+                    e.architecture,
+                    e.model.caps.scale,
+                    e.device,
+                    e.dtype,
+                )
             else:
-                log.warning("upscaler %s unavailable (%s): %s", e.spec.name, e.reason.value, e.detail)
+                log.warning("upscaler %s unavailable (%s): %s", e.name, e.reason.value, e.detail)
         return bank
 
     # ------------------------------------------------------------------ queries
@@ -122,40 +118,37 @@ class UpscalerBank:
         return any(e.available for e in self._entries.values())
 
     def runner(self, name: str | None = None):
-        """The loaded runner (module, caps, device, dtype) of a model, or None: for tests and benches."""
-        return self._entries[self.resolve(name)].runner
+        """The loaded runner (module, caps, device, dtype) of a model, or None: for tests and
+        benches."""
+        return self._entries[self.resolve(name)].model
 
     def models_info(self) -> list[ModelInfo]:
         default = self.default_name()
-        out = []
-        for name, e in self._entries.items():
-            r = e.runner
-            out.append(ModelInfo(
-                name=name,
-                kind="upscaler",
-                available=e.available,
-                default=name == default,
-                scale=r.caps.scale if r else None,
-                architecture=r.caps.architecture if r else None,
-                device=r.device_name if r else None,
-                dtype=r.dtype_name if r else None,
-                reason=e.reason.value if e.reason else None,
-                detail=e.detail,
-            ))
-        return out
+        return [
+            e.info("upscaler", name == default, scale=e.model.caps.scale if e.available else None)
+            for name, e in self._entries.items()
+        ]
 
     # ------------------------------------------------------------------ upscaling
-    def upscale(self, pictures: list[Picture], scale: float, *, model: str | None = None,
-                use_neural: bool = True, target_sizes: list[tuple[int, int]] | None = None
-                ) -> list[UpscaleOutcome]:
+    def upscale(
+        self,
+        pictures: list[Picture],
+        scale: float,
+        *,
+        model: str | None = None,
+        use_neural: bool = True,
+        target_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[UpscaleOutcome]:
         """Convenience: one job per picture; default target = (round(w*scale), round(h*scale))."""
         if target_sizes is None:
-            target_sizes = [(max(1, round(p.width * scale)), max(1, round(p.height * scale)))
-                            for p in pictures]
+            target_sizes = [
+                (max(1, round(p.width * scale)), max(1, round(p.height * scale))) for p in pictures
+            ]
         if len(target_sizes) != len(pictures):
             raise ValueError(f"{len(pictures)} pictures but {len(target_sizes)} target sizes")
-        return self.upscale_jobs([UpscaleJob(p, tuple(t), model, use_neural)
-                                  for p, t in zip(pictures, target_sizes)])
+        return self.upscale_jobs(
+            [UpscaleJob(p, tuple(t), model, use_neural) for p, t in zip(pictures, target_sizes)]
+        )
 
     def upscale_jobs(self, jobs: list[UpscaleJob]) -> list[UpscaleOutcome]:
         """One outcome per job, same order. Jobs that share a model share forward passes.
@@ -172,12 +165,18 @@ class UpscalerBank:
         for i, (job, name) in enumerate(zip(jobs, names)):
             entry = self._entries.get(name) if name else None
             if not job.use_neural:
-                outcomes[i] = _lanczos(job, FallbackReason.disabled_by_request,
-                                       "use_realesrgan is false: LANCZOS was requested")
+                outcomes[i] = _lanczos(
+                    job,
+                    FallbackReason.disabled_by_request,
+                    "use_realesrgan is false: LANCZOS was requested",
+                )
             elif entry is None:
-                outcomes[i] = _lanczos(job, FallbackReason.weights_missing,
-                                       "no upscaler models are configured (upscale.models is empty):"
-                                       " add one to the profile and fetch it with `hiresfix weights`")
+                outcomes[i] = _lanczos(
+                    job,
+                    FallbackReason.weights_missing,
+                    "no upscaler models are configured (upscale.models is empty):"
+                    " add one to the profile and fetch it with `hiresfix weights`",
+                )
             elif not entry.available:
                 outcomes[i] = _lanczos(job, entry.reason, f"upscaler {name!r}: {entry.detail}")
             elif not _grows(job):
@@ -193,10 +192,13 @@ class UpscalerBank:
             for i in idx:
                 need = self._native_pixels(entry, jobs[i])
                 if need > budget:
-                    outcomes[i] = _lanczos(jobs[i], FallbackReason.out_of_memory,
-                                           f"upscaler {name!r} would hold {need / 1e6:.0f} MP at its native"
-                                           f" x{entry.runner.caps.scale} scale, above max_native_megapixels"
-                                           f" ({budget / 1e6:.0f}): ask for a smaller image or scale")
+                    outcomes[i] = _lanczos(
+                        jobs[i],
+                        FallbackReason.out_of_memory,
+                        f"upscaler {name!r} would hold {need / 1e6:.0f} MP at its native"
+                        f" x{entry.model.caps.scale} scale, above max_native_megapixels"
+                        f" ({budget / 1e6:.0f}): ask for a smaller image or scale",
+                    )
                     continue
                 if chunk and used + need > budget:
                     self._run_chunk(entry, jobs, chunk, tile, outcomes)
@@ -207,13 +209,16 @@ class UpscalerBank:
                 self._run_chunk(entry, jobs, chunk, tile, outcomes)
         return outcomes  # type: ignore[return-value]
 
-    def _run_chunk(self, entry: _Entry, jobs: list[UpscaleJob], idx: list[int], tile: int,
-                   outcomes: list) -> None:
+    def _run_chunk(
+        self, entry: ModelRecord, jobs: list[UpscaleJob], idx: list[int], tile: int, outcomes: list
+    ) -> None:
         for i, outcome in zip(idx, self._run_group(entry, [jobs[i] for i in idx], tile)):
             outcomes[i] = outcome
 
-    def _native_pixels(self, entry: _Entry, job: UpscaleJob) -> float:
-        s = entry.runner.caps.scale ** _passes(job, entry.runner.caps.scale, self.settings.beyond_native)
+    def _native_pixels(self, entry: ModelRecord, job: UpscaleJob) -> float:
+        s = entry.model.caps.scale ** _passes(
+            job, entry.model.caps.scale, self.settings.beyond_native
+        )
         planes = 2 if _alpha_varies(job.picture) else 1
         return job.picture.width * job.picture.height * s * s * planes
 
@@ -222,17 +227,17 @@ class UpscalerBank:
             return None  # nothing configured: LANCZOS with a reason, not a client error
         return self.resolve(job.model)
 
-    def _start_tile(self, entry: _Entry, job: UpscaleJob) -> int:
-        if entry.runner.caps.tileable:
+    def _start_tile(self, entry: ModelRecord, job: UpscaleJob) -> int:
+        if entry.model.caps.tileable:
             return entry.spec.tile_size or self.settings.tile_size
         # Untileable: start whole-image; OOM halving still applies.
         return max(job.picture.width, job.picture.height) + self.settings.tile_overlap
 
-    def _run_group(self, entry: _Entry, jobs: list[UpscaleJob], tile: int) -> list[UpscaleOutcome]:
-        from hiresfix.upscale.runner import free_device_memory, is_oom
-
-        s, r = self.settings, entry.runner
-        with r.lock:
+    def _run_group(
+        self, entry: ModelRecord, jobs: list[UpscaleJob], tile: int
+    ) -> list[UpscaleOutcome]:
+        s, r = self.settings, entry.model
+        with entry.lock:
             while True:
                 failure = None
                 try:
@@ -240,23 +245,39 @@ class UpscalerBank:
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a LANCZOS outcome
                     failure = (is_oom(exc), f"{type(exc).__name__}: {exc}")
                     if not failure[0]:  # unexpected: keep the traceback in the log
-                        log.warning("upscaler %s failed", entry.spec.name, exc_info=True)
-                # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+                        log.warning("upscaler %s failed", entry.name, exc_info=True)
+                # Outside the except block, so the traceback (and the tensors its frames hold) is
+                # gone.
                 oom, message = failure
                 if not oom:
-                    return [_lanczos(j, FallbackReason.error,
-                                     f"upscaler {entry.spec.name!r} failed ({message}); LANCZOS was used")
-                            for j in jobs]
+                    return [
+                        _lanczos(
+                            j,
+                            FallbackReason.error,
+                            f"upscaler {entry.name!r} failed ({message}); LANCZOS was used",
+                        )
+                        for j in jobs
+                    ]
                 free_device_memory(r.device)
                 if tile <= s.min_tile:
-                    return [_lanczos(j, FallbackReason.out_of_memory,
-                                     f"upscaler {entry.spec.name!r} ran out of memory on {r.device_name}"
-                                     f" even with {s.min_tile} px tiles; free device memory, lower"
-                                     " tile_batch or raise gpu_memory_fraction")
-                            for j in jobs]
+                    return [
+                        _lanczos(
+                            j,
+                            FallbackReason.out_of_memory,
+                            f"upscaler {entry.name!r} ran out of memory on {entry.device}"
+                            f" even with {s.min_tile} px tiles; free device memory, lower"
+                            " tile_batch or raise gpu_memory_fraction",
+                        )
+                        for j in jobs
+                    ]
                 smaller = max(s.min_tile, tile // 2)
-                log.warning("upscaler %s: out of memory at %d px tiles (%s); retrying at %d px",
-                            entry.spec.name, tile, message, smaller)
+                log.warning(
+                    "upscaler %s: out of memory at %d px tiles (%s); retrying at %d px",
+                    entry.name,
+                    tile,
+                    message,
+                    smaller,
+                )
                 tile = smaller
 
     def _neural(self, r, jobs: list[UpscaleJob], tile: int) -> list[UpscaleOutcome]:
@@ -272,15 +293,23 @@ class UpscalerBank:
         for i, job in enumerate(jobs):
             planes.append((i, "rgb", _chw(job.picture.rgb)))
             if _alpha_varies(job.picture):
-                planes.append((i, "alpha", _chw(np.repeat(job.picture.alpha[..., None], 3, axis=2))))
+                planes.append(
+                    (i, "alpha", _chw(np.repeat(job.picture.alpha[..., None], 3, axis=2)))
+                )
         done: dict[tuple[int, str], Any] = {}
         with torch.inference_mode():
             for p in range(max(passes)):
                 active = [pl for pl in planes if passes[pl[0]] > p]
-                outs = upscale_planes([pl[2] for pl in active], r.forward, scale=caps.scale,
-                                      rule=caps.size, tile=tile, overlap=s.tile_overlap,
-                                      batch=s.tile_batch,
-                                      fixed_batch=not r.batch_invariant)
+                outs = upscale_planes(
+                    [pl[2] for pl in active],
+                    r.forward,
+                    scale=caps.scale,
+                    rule=caps.size,
+                    tile=tile,
+                    overlap=s.tile_overlap,
+                    batch=s.tile_batch,
+                    fixed_batch=not r.batch_invariant,
+                )
                 planes = []
                 for (i, kind, _), out in zip(active, outs):
                     if passes[i] > p + 1:
@@ -290,8 +319,11 @@ class UpscalerBank:
                 del outs, active
         results = []
         for i, job in enumerate(jobs):
-            results.append(UpscaleOutcome(_finish(job, done.get((i, "rgb")), done.get((i, "alpha"))),
-                                          r.spec.name))
+            results.append(
+                UpscaleOutcome(
+                    _finish(job, done.get((i, "rgb")), done.get((i, "alpha"))), r.spec.name
+                )
+            )
             done.pop((i, "rgb"), None)
             done.pop((i, "alpha"), None)
         return results
@@ -301,44 +333,34 @@ class UpscalerBank:
 def _import_runtime():
     try:
         import torch  # noqa: F401 - explicit: `runner` may already be imported from a time torch was there
+
         from hiresfix.upscale import runner
     except ImportError as exc:
         return None, exc
     return runner, None
 
 
-def _load(spec: UpscalerModelSpec, s: UpscalerSettings, runtime, import_error) -> _Entry:
-    path = weights_path(s.weights_dir, spec.file)
-    entry = _Entry(spec, str(path))
-
-    def fail(reason: FallbackReason, detail: str) -> _Entry:
-        entry.reason, entry.detail = reason, detail
-        return entry
-
+def _load(spec: UpscalerModelSpec, s: UpscalerSettings, runtime, import_error) -> ModelRecord:
+    entry = ModelRecord(spec, s.model_path(spec))
+    path = entry.path
     if runtime is None:
-        return fail(FallbackReason.not_installed, _not_installed(import_error))
-    if not path.is_file():
-        return fail(FallbackReason.weights_missing,
-                    f"weights file {spec.file!r} not found at {path}: {_fetch_hint(spec, path)}copy the file"
-                    " there, or set HIRESFIX_WEIGHTS_DIR to the folder that holds it")
-    if spec.sha256:
-        got = sha256_file(path)
-        if got.lower() != spec.sha256.lower():
-            return fail(FallbackReason.weights_missing,
-                        f"checksum mismatch for {path}: sha256 {got}, expected {spec.sha256.lower()};"
-                        " the file is truncated or a different model: fetch it again")
+        return entry.fail(FallbackReason.not_installed, _not_installed(import_error))
+    problem = file_problem(path, spec.sha256, _fetch_hint(spec, path))
+    if problem:
+        return entry.fail(FallbackReason.weights_missing, problem)
     try:
         desc = runtime.load_descriptor(str(path))
         r = runtime.Runner(spec, desc, s)
     except ImportError as exc:
-        return fail(FallbackReason.not_installed, _not_installed(exc))
+        return entry.fail(FallbackReason.not_installed, _not_installed(exc))
     except Exception as exc:  # noqa: BLE001 - corrupt file, unsupported architecture, device error
-        return fail(FallbackReason.error, f"could not load {path}: {type(exc).__name__}: {exc}")
+        return entry.fail(
+            FallbackReason.error, f"could not load {path}: {type(exc).__name__}: {exc}"
+        )
     problem = r.caps.unusable_reason()
     if problem:
-        return fail(FallbackReason.error, f"{path}: {problem}")
-    entry.runner = r
-    return entry
+        return entry.fail(FallbackReason.error, f"{path}: {problem}")
+    return entry.loaded(r, r.caps.architecture, r.device, r.dtype)
 
 
 def _fetch_hint(spec: UpscalerModelSpec, path: Path) -> str:
@@ -346,21 +368,33 @@ def _fetch_hint(spec: UpscalerModelSpec, path: Path) -> str:
 
     known = known_weights(path.name)
     if known is not None and known.file == path.name:
-        return f"run `hiresfix weights {known.file.removesuffix('.pth')} --weights-dir {path.parent}`, or "
+        return (
+            f"run `hiresfix weights {known.file.removesuffix('.pth')}"
+            f" --weights-dir {path.parent}`, or "
+        )
     if spec.url:
         return f"download {spec.url}, or "
     return ""
 
 
 def _not_installed(exc: BaseException | None) -> str:
-    return (f"the neural upscaler needs torch and spandrel, which cannot be imported ({exc});"
-            " install them (pip install 'spandrel==0.4.2' torch torchvision)")
+    return (
+        f"the neural upscaler needs torch and spandrel, which cannot be imported ({exc});"
+        " install them (pip install 'spandrel==0.4.2' torch torchvision)"
+    )
 
 
 def _lanczos(job: UpscaleJob, reason: FallbackReason, detail: str) -> UpscaleOutcome:
     level = logging.INFO if reason is FallbackReason.disabled_by_request else logging.WARNING
-    log.log(level, "upscale %dx%d -> %dx%d fell back to LANCZOS (%s): %s", job.picture.width,
-            job.picture.height, *job.target_size, reason.value, detail)
+    log.log(
+        level,
+        "upscale %dx%d -> %dx%d fell back to LANCZOS (%s): %s",
+        job.picture.width,
+        job.picture.height,
+        *job.target_size,
+        reason.value,
+        detail,
+    )
     return UpscaleOutcome(resize_picture(job.picture, job.target_size), LANCZOS, reason, detail)
 
 

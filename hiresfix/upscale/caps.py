@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SizeRule:
-    """Input size constraints (spandrel's SizeRequirements, copied so the engine has no spandrel)."""
+    """Input size constraints (spandrel's SizeRequirements, copied so the engine has no
+    spandrel)."""
 
     minimum: int = 0
     multiple_of: int = 1
@@ -42,7 +43,7 @@ class ModelCaps:
     tags: tuple[str, ...] = ()
 
     @classmethod
-    def from_descriptor(cls, desc) -> "ModelCaps":
+    def from_descriptor(cls, desc) -> ModelCaps:
         req = desc.size_requirements
         tiling = getattr(desc.tiling, "name", "SUPPORTED")
         return cls(
@@ -61,8 +62,8 @@ class ModelCaps:
         """Why the bank cannot serve this model as an RGB upscaler, or None."""
         if self.in_channels != 3 or self.out_channels != 3:
             return (
-                f"{self.architecture} model has {self.in_channels} input / {self.out_channels} output"
-                " channels; only RGB (3/3) upscalers are supported"
+                f"{self.architecture} model has {self.in_channels} input /"
+                f" {self.out_channels} output channels; only RGB (3/3) upscalers are supported"
             )
         if self.scale < 1:
             return f"{self.architecture} model reports scale {self.scale}"

@@ -30,8 +30,14 @@ def busiest_window(pic: Picture, window: int) -> tuple[int, int, int]:
     return int(xx), int(yy), side
 
 
-def compare_images(original: Picture, results: list[tuple[str, Picture]], *, panel: int = 384,
-                   crop: int = 48, zoom_panel: int = 384) -> Image.Image:
+def compare_images(
+    original: Picture,
+    results: list[tuple[str, Picture]],
+    *,
+    panel: int = 384,
+    crop: int = 48,
+    zoom_panel: int = 384,
+) -> Image.Image:
     """Columns: original, then each (label, result). Top row: the whole image fitted into `panel`
     px with the crop marked; bottom row: the busiest `crop`-px window of the original (and the same
     region of each result) enlarged with nearest to `zoom_panel` px: never below 100%."""
@@ -39,8 +45,11 @@ def compare_images(original: Picture, results: list[tuple[str, Picture]], *, pan
     columns = [("original", original)] + list(results)
     zoom_side = max(zoom_panel, max(round(side * p.width / original.width) for _, p in columns))
     col_w = max(panel, zoom_side)
-    sheet = Image.new("RGB", (len(columns) * (col_w + _GAP) + _GAP,
-                              2 * (_LABEL_H + _GAP) + panel + zoom_side + _GAP), _BG)
+    sheet = Image.new(
+        "RGB",
+        (len(columns) * (col_w + _GAP) + _GAP, 2 * (_LABEL_H + _GAP) + panel + zoom_side + _GAP),
+        _BG,
+    )
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for i, (label, pic) in enumerate(columns):
@@ -50,18 +59,31 @@ def compare_images(original: Picture, results: list[tuple[str, Picture]], *, pan
         im = _rgb(pic)
         # Whole image, fitted (downscale with LANCZOS for an honest overview).
         fit = min(panel / im.width, panel / im.height)
-        view = im.resize((max(1, round(im.width * fit)), max(1, round(im.height * fit))), Image.Resampling.LANCZOS)
+        view = im.resize(
+            (max(1, round(im.width * fit)), max(1, round(im.height * fit))),
+            Image.Resampling.LANCZOS,
+        )
         top = _LABEL_H + _GAP
         draw.text((left, _GAP // 2), f"{label}  {pic.width}x{pic.height}", fill=_FG, font=font)
         sheet.paste(view, (left, top))
-        draw.rectangle([left + box[0] * fit, top + box[1] * fit, left + box[2] * fit, top + box[3] * fit],
-                       outline=_BOX, width=2)
+        draw.rectangle(
+            [left + box[0] * fit, top + box[1] * fit, left + box[2] * fit, top + box[3] * fit],
+            outline=_BOX,
+            width=2,
+        )
         # Zoomed crop, nearest, integer factor >= 1 so that no pixel is interpolated away.
         region = im.crop(box)
         factor = max(1, zoom_side // max(region.width, region.height, 1))
-        zoomed = region.resize((region.width * factor, region.height * factor), Image.Resampling.NEAREST)
+        zoomed = region.resize(
+            (region.width * factor, region.height * factor), Image.Resampling.NEAREST
+        )
         ztop = top + panel + _GAP + _LABEL_H
-        draw.text((left, ztop - _LABEL_H + 4), f"crop {box[2] - box[0]}px x{factor} nearest", fill=_FG, font=font)
+        draw.text(
+            (left, ztop - _LABEL_H + 4),
+            f"crop {box[2] - box[0]}px x{factor} nearest",
+            fill=_FG,
+            font=font,
+        )
         sheet.paste(zoomed, (left, ztop))
     return sheet
 

@@ -14,13 +14,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype, precision_name
 from hiresfix.upscale.caps import ModelCaps
 from hiresfix.upscale.settings import UpscalerModelSpec, UpscalerSettings
 
 log = logging.getLogger("hiresfix.upscale")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 _threads_lock = threading.Lock()
 
@@ -44,42 +42,18 @@ def configure_threads(num_threads: int | None) -> int:
     return want
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "cpu":
-        return torch.device("cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' is configured but torch sees no CUDA GPU: set device to auto or cpu")
-    if setting == "cuda" or torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def configure_gpu(settings: UpscalerSettings) -> None:
     """Cap this process's share of the GPU: Ray's fractional num_gpus only schedules, it does not
     stop a replica from taking the whole card."""
-    if settings.gpu_memory_fraction is None or not torch.cuda.is_available() or settings.device == "cpu":
+    if (
+        settings.gpu_memory_fraction is None
+        or not torch.cuda.is_available()
+        or settings.device == "cpu"
+    ):
         return
-    torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
-
-
-def free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def pick_dtype(setting: str, device: torch.device, caps: ModelCaps) -> torch.dtype:
-    """auto: the cheapest precision the model supports on a GPU (fp16, then bf16); fp32 on CPU,
-    where half precision is slower, not faster. An explicit choice the model lacks falls back to fp32."""
-    supported = {torch.float32: True, torch.float16: caps.supports_fp16, torch.bfloat16: caps.supports_bf16}
-    if setting == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return next(d for d in (torch.float16, torch.bfloat16, torch.float32) if supported[d])
-    dtype = DTYPES[setting]
-    if not supported[dtype]:
-        log.warning("upscaler: %s does not support %s; using fp32", caps.architecture, setting)
-        return torch.float32
-    return dtype
+    torch.cuda.set_per_process_memory_fraction(
+        settings.gpu_memory_fraction, torch.cuda.current_device()
+    )
 
 
 def load_descriptor(path: str):
@@ -87,18 +61,15 @@ def load_descriptor(path: str):
     import spandrel
 
     desc = spandrel.ModelLoader().load_from_file(path)
-    if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.purpose not in ("SR", "Restoration"):
+    if not isinstance(desc, spandrel.ImageModelDescriptor) or desc.purpose not in (
+        "SR",
+        "Restoration",
+    ):
         kind = getattr(desc, "purpose", type(desc).__name__)
-        raise ValueError(f"{desc.architecture.name} is a {kind} model, not a super-resolution upscaler")
+        raise ValueError(
+            f"{desc.architecture.name} is a {kind} model, not a super-resolution upscaler"
+        )
     return desc
-
-
-def is_oom(exc: BaseException) -> bool:
-    # Host memory: torch's CPU allocator raises a plain RuntimeError ("can't allocate memory").
-    msg = str(exc).lower()
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-    )
 
 
 class _OneDnnConv2d(torch.nn.Conv2d):
@@ -107,27 +78,31 @@ class _OneDnnConv2d(torch.nn.Conv2d):
 
     Why: torch picks the CPU conv kernel per call. fp32 3x3 convs go to oneDNN when the batch has
     2+ samples, but a batch of one whose input has <= 20480 elements (C*H*W: for an RGB first conv,
-    tiles up to ~82 px) goes to its native im2col+GEMM kernel ("Slow2d"), which rounds differently.
-    Measured on the real nets (torch 2.14, 1 and 2 threads): a lone 16-80 px tile differs from the
-    same tile batched by up to 6e-7 (Compact) / 2e-6 (RRDB: enough to flip 8-bit pixels), while
-    batches of 2..16, at any position and with any neighbours, are bit-identical to each other, and
-    tiles of 88 px and up (oneDNN even alone) match exactly. Calling oneDNN directly for one sample
-    gives those same bits at the same speed, so nothing is padded and nothing costs extra.
+    tiles up to ~82 px) goes to its native im2col+GEMM kernel ("Slow2d"), which rounds differently:
+    enough, on the RRDB nets, to flip 8-bit pixels (figures: bench/results/upscaler-notes.md).
+    Batched oneDNN passes agree with each other bit for bit, so calling oneDNN directly for one
+    sample gives those same bits at the same speed: nothing is padded and nothing costs extra.
     """
 
     def _conv_forward(self, input, weight, bias):
-        if input.device.type != "cpu" or input.dtype != torch.float32 or isinstance(self.padding, str):
+        if (
+            input.device.type != "cpu"
+            or input.dtype != torch.float32
+            or isinstance(self.padding, str)
+        ):
             return super()._conv_forward(input, weight, bias)
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        return torch.ops.aten.mkldnn_convolution(input, weight, bias, padding, self.stride,
-                                                 self.dilation, self.groups)
+        return torch.ops.aten.mkldnn_convolution(
+            input, weight, bias, padding, self.stride, self.dilation, self.groups
+        )
 
 
 def _route_convs_to_onednn(module: torch.nn.Module) -> None:
-    """Plain Conv2d layers (not subclasses, which may have their own forward) become _OneDnnConv2d."""
+    """Plain Conv2d layers (not subclasses, which may have their own forward) become
+    _OneDnnConv2d."""
     if not torch.backends.mkldnn.is_available():
         return
     for m in module.modules():
@@ -136,7 +111,8 @@ def _route_convs_to_onednn(module: torch.nn.Module) -> None:
 
 
 class Runner:
-    """A model on its device, in its working precision, behind a lock (one forward at a time).
+    """A model on its device, in its working precision (the bank's ModelRecord lock lets one
+    forward run at a time).
 
     `batch_invariant`: a tile's output is the same bits whatever else shares its forward pass
     (checked at load); when False the tiler gives every pass of one tile shape the same batch size.
@@ -146,7 +122,16 @@ class Runner:
         self.spec = spec
         self.caps = ModelCaps.from_descriptor(desc)
         self.device = pick_device(settings.device)
-        self.dtype = pick_dtype(settings.dtype, self.device, self.caps)
+        self.dtype, note = pick_dtype(
+            settings.dtype,
+            self.device,
+            AUTO_ON_GPU["upscaler"],
+            supports_fp16=self.caps.supports_fp16,
+            supports_bf16=self.caps.supports_bf16,
+            model=self.caps.architecture,
+        )
+        if note:
+            log.warning("upscaler %s: %s", spec.name, note)
         self.min_tile = settings.min_tile
         module = desc.model.eval()
         if self.device.type == "cpu":
@@ -156,7 +141,6 @@ class Runner:
         self._fp32_cpu = copy.deepcopy(module) if self.dtype != torch.float32 else None
         self._fp32_dev: torch.nn.Module | None = None
         self.module = module.to(self.device, self.dtype)
-        self.lock = threading.Lock()
         self.redone_tiles = 0
         self.batch_invariant = False
         self._smoke_test()
@@ -173,8 +157,13 @@ class Runner:
                 self.module(x.to(self.dtype))
                 return
             except Exception as exc:  # noqa: BLE001
-                log.warning("upscaler %s: %s forward fails on %s (%s); using fp32",
-                            self.spec.name, self.dtype_name, self.device, exc)
+                log.warning(
+                    "upscaler %s: %s forward fails on %s (%s); using fp32",
+                    self.spec.name,
+                    self.dtype_name,
+                    self.device,
+                    exc,
+                )
                 self.module = self._fp32_cpu.to(self.device)
                 self.dtype, self._fp32_cpu = torch.float32, None
         self.module(x)
@@ -183,18 +172,29 @@ class Runner:
     def _probe_batch_invariance(self) -> bool:
         """Three small samples alone, together, and in another order: the same bits each time?
         Small (16 px and up), as that is where torch's default CPU kernel choice depends on the
-        batch size; a net whose other layers are batch-dependent fails this and gets fixed passes."""
+        batch size; a net whose other layers are batch-dependent fails this and gets fixed
+        passes."""
         side = self.caps.size.tile_side(16)
         gen = torch.Generator().manual_seed(0)
-        x = torch.rand(3, self.caps.in_channels, side, side, generator=gen).to(self.device, self.dtype)
+        x = torch.rand(3, self.caps.in_channels, side, side, generator=gen).to(
+            self.device, self.dtype
+        )
         together = self.module(x)
         alone = self.module(x[2:3])
         swapped = self.module(x[[2, 0]])
-        ok = (torch.equal(together[2], alone[0]) and torch.equal(together[2], swapped[0])
-              and torch.equal(together[0], swapped[1]))
+        ok = (
+            torch.equal(together[2], alone[0])
+            and torch.equal(together[2], swapped[0])
+            and torch.equal(together[0], swapped[1])
+        )
         if not ok:
-            log.info("upscaler %s: outputs depend on the batch on %s/%s; every pass of a tile shape"
-                     " gets the same batch size", self.spec.name, self.device, self.dtype_name)
+            log.info(
+                "upscaler %s: outputs depend on the batch on %s/%s; every pass of a tile shape"
+                " gets the same batch size",
+                self.spec.name,
+                self.device,
+                self.dtype_name,
+            )
         return ok
 
     @property
@@ -203,7 +203,7 @@ class Runner:
 
     @property
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+        return precision_name(self.dtype)
 
     def _fp32_module(self) -> torch.nn.Module:
         if self.dtype == torch.float32:
@@ -213,17 +213,21 @@ class Runner:
         return self._fp32_dev
 
     def _inject(self, x: torch.Tensor) -> None:
+        """The configured chaos fault (UpscalerModelSpec.inject_fault, docs/chaos.md), raised where
+        a real one would be: inside the forward, under the bank's retry and fallback handling."""
         fault = self.spec.inject_fault
         if fault == "oom_always" or (fault == "oom" and max(x.shape[-2:]) > self.min_tile):
             raise torch.OutOfMemoryError(
-                f"injected fault: out of memory for a {x.shape[-1]}x{x.shape[-2]} tile (min_tile {self.min_tile})"
+                f"injected fault: out of memory for a {x.shape[-1]}x{x.shape[-2]} tile"
+                f" (min_tile {self.min_tile})"
             )
         if fault == "error":
             raise RuntimeError("injected fault: forward failed")
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU float32 (B, 3, h, w) in [0, 1] -> float32 (B, 3, h*s, w*s) in [0, 1] on the device."""
+        """CPU float32 (B, 3, h, w) in [0, 1] -> float32 (B, 3, h*s, w*s) in [0, 1] on the
+        device."""
         self._inject(x)
         xd = x.to(self.device, non_blocking=True)
         y = self.module(xd.to(self.dtype)).float()
@@ -237,7 +241,9 @@ class Runner:
                 self.redone_tiles += int(bad.sum())
                 log.warning(
                     "upscaler %s: %d tile(s) gave NaN/inf/black output in %s; redone in fp32",
-                    self.spec.name, int(bad.sum()), self.dtype_name,
+                    self.spec.name,
+                    int(bad.sum()),
+                    self.dtype_name,
                 )
         if not bool(torch.isfinite(y).all()):
             raise FloatingPointError(f"model {self.spec.name} produced NaN/inf even in fp32")

@@ -13,9 +13,9 @@ Why it is shaped like this:
 * Blend weights are separable 1-D ramps, normalised so that they sum to exactly 1 at every output
   pixel (a partition of unity): no weight-sum buffer and no seam. Inside an overlap of `ov` px the
   incoming tile has weight 0 for its first ov/4 px (the pixels that saw its zero-padded edge), a
-  linear ramp over the next ov/2, then 1. Measured on the real nets, a tile edge disturbs the
-  output by 45 dB at 4 px and 97 dB at 16 px for Compact, but still 52 dB at 24 px for RRDB
-  (its receptive field is far wider): ov = 32 gives tiled == untiled (>= 45 dB) for both.
+  linear ramp over the next ov/2, then 1. How far a tile edge disturbs the output grows with the
+  net's receptive field (RRDB's is far wider than Compact's); ov = 32 keeps tiled output equal to
+  untiled (>= 45 dB PSNR) for both (figures: bench/results/upscaler-notes.md).
 * Tiles of other requests sharing a pass must not change a tile's bits (same seed and parameters
   give the same image, with or without concurrency). On the CPU the runner makes the forward
   batch-invariant (runner._OneDnnConv2d: only a lone small tile used to take another kernel), so
@@ -27,15 +27,16 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from hiresfix.upscale.caps import SizeRule
 
-# A batch of CPU float32 tiles (B, C, h, w) -> float32 output (B, C, h*s, w*s) in [0, 1], any device.
+# A batch of CPU float32 tiles (B, C, h, w) -> float32 output (B, C, h*s, w*s) in [0, 1], any
+# device.
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -54,8 +55,9 @@ class AxisPlan:
         return self.length + self.before + self.after
 
 
-def plan_axis(length: int, *, tile: int, overlap: int, border: int, rule: SizeRule,
-              fixed: int | None = None) -> AxisPlan:
+def plan_axis(
+    length: int, *, tile: int, overlap: int, border: int, rule: SizeRule, fixed: int | None = None
+) -> AxisPlan:
     """Split `length` (+ border on both sides) into equal tiles of at most `tile` px."""
     padded = length + 2 * border
     cap = rule.max_tile_side(tile)
@@ -77,8 +79,9 @@ def plan_axis(length: int, *, tile: int, overlap: int, border: int, rule: SizeRu
     return AxisPlan(length, border, border + extra, t, starts)
 
 
-def plan_image(height: int, width: int, *, tile: int, overlap: int, border: int,
-               rule: SizeRule) -> tuple[AxisPlan, AxisPlan]:
+def plan_image(
+    height: int, width: int, *, tile: int, overlap: int, border: int, rule: SizeRule
+) -> tuple[AxisPlan, AxisPlan]:
     kw = dict(tile=tile, overlap=overlap, border=border, rule=rule)
     py, px = plan_axis(height, **kw), plan_axis(width, **kw)
     if rule.square and py.tile != px.tile:
@@ -90,7 +93,9 @@ def plan_image(height: int, width: int, *, tile: int, overlap: int, border: int,
 def axis_weights(plan: AxisPlan, scale: int) -> list[torch.Tensor]:
     """Per-tile 1-D output weights (length tile*scale), summing to 1 at every output position."""
     n, t = len(plan.starts), plan.tile
-    pos = (torch.arange(t * scale, dtype=torch.float64) + 0.5) / scale  # in source px from tile start
+    pos = (
+        torch.arange(t * scale, dtype=torch.float64) + 0.5
+    ) / scale  # in source px from tile start
     raws = []
     for i, s in enumerate(plan.starts):
         w = torch.ones_like(pos)
@@ -101,8 +106,8 @@ def axis_weights(plan: AxisPlan, scale: int) -> list[torch.Tensor]:
         raws.append(w.clamp_min(1e-6))  # never exactly 0, so every covered pixel normalises
     total = torch.zeros(plan.padded * scale, dtype=torch.float64)
     for s, w in zip(plan.starts, raws):
-        total[s * scale:(s + t) * scale] += w
-    return [(w / total[s * scale:(s + t) * scale]).float() for s, w in zip(plan.starts, raws)]
+        total[s * scale : (s + t) * scale] += w
+    return [(w / total[s * scale : (s + t) * scale]).float() for s, w in zip(plan.starts, raws)]
 
 
 def _ramp(dist: torch.Tensor, overlap: int) -> torch.Tensor:
@@ -128,8 +133,9 @@ def pad_image(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> 
 class _Plane:
     """One image being upscaled: padded source, plan, blend weights and the CPU accumulator."""
 
-    def __init__(self, src: torch.Tensor, scale: int, tile: int, overlap: int, border: int,
-                 rule: SizeRule):
+    def __init__(
+        self, src: torch.Tensor, scale: int, tile: int, overlap: int, border: int, rule: SizeRule
+    ):
         c, h, w = src.shape
         self.scale = scale
         self.py, self.px = plan_image(h, w, tile=tile, overlap=overlap, border=border, rule=rule)
@@ -150,7 +156,7 @@ class _Plane:
 
     def crop(self, iy: int, ix: int) -> torch.Tensor:
         sy, sx = self.py.starts[iy], self.px.starts[ix]
-        return self.src[:, sy:sy + self.py.tile, sx:sx + self.px.tile]
+        return self.src[:, sy : sy + self.py.tile, sx : sx + self.px.tile]
 
     def add(self, iy: int, ix: int, y: torch.Tensor) -> None:
         """Blend one tile's output (C, th*s, tw*s) into the unpadded output."""
@@ -162,7 +168,9 @@ class _Plane:
         (a0, a1, r0, r1), (b0, b1, c0, c1) = rows, cols
         wy = self.wy[iy][a0:a1].to(y.device)
         wx = self.wx[ix][b0:b1].to(y.device)
-        part = y[:, a0:a1, b0:b1].mul_(wy[:, None] * wx[None, :]).permute(1, 2, 0)  # y is ours: in place
+        part = (
+            y[:, a0:a1, b0:b1].mul_(wy[:, None] * wx[None, :]).permute(1, 2, 0)
+        )  # y is ours: in place
         if part.device.type != "cpu":
             part = part.contiguous().cpu()  # HWC on the device, so the copy back is one block
         self.out[r0:r1, c0:c1] += part
@@ -177,9 +185,18 @@ def _overlap(plan: AxisPlan, i: int, s: int, out_len: int):
     return lo - start, hi - start, lo, hi
 
 
-def upscale_planes(planes: list[torch.Tensor], forward: Forward, *, scale: int, rule: SizeRule,
-                   tile: int, overlap: int, batch: int, border: int | None = None,
-                   fixed_batch: bool = False) -> list[torch.Tensor]:
+def upscale_planes(
+    planes: list[torch.Tensor],
+    forward: Forward,
+    *,
+    scale: int,
+    rule: SizeRule,
+    tile: int,
+    overlap: int,
+    batch: int,
+    border: int | None = None,
+    fixed_batch: bool = False,
+) -> list[torch.Tensor]:
     """Upscale CPU float32 images (C, H, W) by `scale`; returns CPU float32 (H*s, W*s, C).
 
     Tiles of all planes that have the same tile shape share forward passes of up to `batch` tiles,
@@ -196,7 +213,7 @@ def upscale_planes(planes: list[torch.Tensor], forward: Forward, *, scale: int, 
     for (th, tw), items in queues.items():
         per_pass = max(1, min(batch, (tile * tile) // (th * tw)))
         for k in range(0, len(items), per_pass):
-            chunk = items[k:k + per_pass]
+            chunk = items[k : k + per_pass]
             x = torch.stack([pl.crop(iy, ix) for pl, iy, ix in chunk])
             if fixed_batch and len(chunk) < per_pass:
                 x = torch.cat([x, x.new_zeros((per_pass - len(chunk), *x.shape[1:]))])
