@@ -598,7 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--burst", type=int, default=0, help="then fire N requests at once (0: no burst)"
     )
-    ap.add_argument("--burst-route", default="generate256", choices=ROUTES)
+    ap.add_argument(
+        "--burst-route",
+        default="generate256",
+        choices=(*ROUTES, "refused"),
+        help="refused: a body the ingress answers with 422 itself (the serving stack's floor)",
+    )
     ap.add_argument(
         "--timeout",
         type=float,
