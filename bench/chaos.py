@@ -206,6 +206,18 @@ def recovery(
     return None, seen
 
 
+def generate_probe(c: Cluster):
+    """A recovery probe: does a small /generate succeed now?"""
+
+    def probe():
+        a = send(
+            c.url, "probe-generate", "/generate", generate_body(64, 2), rid("probe"), timeout=60
+        )
+        return a.status == 200, a
+
+    return probe
+
+
 def rid(tag: str) -> str:
     return f"chaos-{tag}-{uuid.uuid4().hex[:8]}"
 
@@ -382,13 +394,7 @@ def base_killed(c: Cluster) -> Outcome:
         out.killed, t_kill = c.kill("SDXLBase")
         out.answers = results(fut)
 
-    def probe():
-        a = send(
-            c.url, "probe-generate", "/generate", generate_body(64, 2), rid("probe"), timeout=60
-        )
-        return a.status == 200, a
-
-    out.recovery_s, out.during = recovery(probe, t_kill)
+    out.recovery_s, out.during = recovery(generate_probe(c), t_kill)
     return out
 
 
@@ -411,13 +417,7 @@ def ingress_killed(c: Cluster) -> Outcome:
         out.killed, t_kill = c.kill("Ingress")
         out.answers = results(fut)
 
-    def probe():
-        a = send(
-            c.url, "probe-generate", "/generate", generate_body(64, 2), rid("probe"), timeout=60
-        )
-        return a.status == 200, a
-
-    out.recovery_s, out.during = recovery(probe, t_kill)
+    out.recovery_s, out.during = recovery(generate_probe(c), t_kill)
     return out
 
 

@@ -74,7 +74,8 @@ def test_burst_beyond_every_queue_is_refused_fast_then_serves_normally(service):
     floor = client_baseline(BURST)["routes"]["generate256"]["latency"]["p50"]
     stack = asyncio.run(run_burst(service.url, BURST, "refused", timeout=BURST_TIMEOUT_S))
     stack_p50 = stack["routes"]["refused"]["latency"]["p50"]
-    assert stack["routes"]["refused"]["statuses"] == {"422": BURST}, stack["routes"]["refused"]
+    # 422 from the ingress, or its own retryable 503 once max_uploading bodies are being read.
+    assert set(stack["routes"]["refused"]["statuses"]) <= {"422", "503"}, stack["routes"]["refused"]
     burst = asyncio.run(run_burst(service.url, BURST, "generate256", timeout=BURST_TIMEOUT_S))
     recovery = asyncio.run(check_recovery(service.url, timeout=60))
     text = (
