@@ -246,6 +246,14 @@ class RayHead:
                 pass
         if self.proc.poll() is None:
             self.proc.wait(10)
+        # `ray start` recorded this head as the machine's current cluster: a later plain `serve run`
+        # (scripts/demo) or `ray.init()` would try to join the dead head. Leave no such pointer.
+        current = Path("/tmp/ray/ray_current_cluster")
+        try:
+            if current.read_text().strip().endswith(f":{self.port}"):
+                current.unlink()
+        except OSError:
+            pass
 
 
 def _session_pids(sid: int) -> list[int]:
