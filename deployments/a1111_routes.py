@@ -124,7 +124,3 @@ class A1111Routes:
         """Changes nothing (the options are the deployment's, shared by every client): answers
         which keys sent differ and stay as they are; another checkpoint is a 422."""
         return update_options(body, await self._sdxl_source(), self.face_names)
-
-    async def _sdxl_source(self) -> str | None:
-        """The configured SDXL weights (`sdxl.source`), from the base stage's cached report."""
-        return (await self._stage_infos())["SDXLBase"].get("source")

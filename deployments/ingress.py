@@ -193,10 +193,9 @@ class Ingress(OpenAIRoutes, A1111Routes):  # /v1/* and /sdapi/v1/* routes live t
     async def _encode(
         self, batch: ImageBatch, fmt: str, t0: float, rid: str | None
     ) -> ImageResponse:
-        t_enc = time.perf_counter()
-        images = await asyncio.to_thread(lambda: [encode_b64(p, fmt) for p in batch.pictures])
-        batch.add_time("encode", time.perf_counter() - t_enc)
-        batch.timings["total"] = round(time.perf_counter() - t0, 4)
+        images = await self._timed_encode(
+            batch, t0, lambda: [encode_b64(p, fmt) for p in batch.pictures]
+        )
         return batch.response(images, fmt, rid)
 
     async def _answer(
@@ -205,11 +204,17 @@ class Ingress(OpenAIRoutes, A1111Routes):  # /v1/* and /sdapi/v1/* routes live t
         """JSON with base64 images, or (Accept: image/*) the file with the rest in headers."""
         if not binary:
             return json_answer(await self._encode(batch, fmt, t0, rid))
+        data = await self._timed_encode(batch, t0, lambda: encode_image(batch.pictures[0], fmt))
+        return image_answer(batch.response([""], fmt, rid), data)
+
+    @staticmethod
+    async def _timed_encode(batch: ImageBatch, t0: float, encode):
+        """Run `encode` off the event loop; record its time and the request's total so far."""
         t_enc = time.perf_counter()
-        data = await asyncio.to_thread(encode_image, batch.pictures[0], fmt)
+        out = await asyncio.to_thread(encode)
         batch.add_time("encode", time.perf_counter() - t_enc)
         batch.timings["total"] = round(time.perf_counter() - t0, 4)
-        return image_answer(batch.response([""], fmt, rid), data)
+        return out
 
     # --- health and models ---
     async def _stage_infos(self) -> dict[str, dict]:
@@ -234,6 +239,10 @@ class Ingress(OpenAIRoutes, A1111Routes):  # /v1/* and /sdapi/v1/* routes live t
         if not any(isinstance(a, BaseException) for a in answers):
             self._infos, self._infos_at = infos, time.monotonic()
         return infos
+
+    async def _sdxl_source(self) -> str | None:
+        """The configured SDXL weights (`sdxl.source`), from the base stage's cached report."""
+        return (await self._stage_infos())["SDXLBase"].get("source")
 
     async def _deployment_states(self) -> dict[str, str]:
         """Replica health as the Serve controller sees it: no request to the (busy) replicas."""

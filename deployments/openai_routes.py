@@ -1,7 +1,7 @@
 """The OpenAI Images API on the ingress: `POST /v1/images/generations` and `GET /v1/models`.
 
 The mapping is hiresfix/openai_api.py; these routes only call the Ingress's helpers (`_generate`,
-`_encode`, `_stage_infos`), and `Ingress` inherits them (Ray Serve's @serve.ingress finds routes on
+`_encode`, `_sdxl_source`), and `Ingress` inherits them (Ray Serve's @serve.ingress finds routes on
 base classes through the class's MRO). Errors under /v1/ take OpenAI's shape in deployments/http.py
 (error_shape_for) and deployments/guard.py.
 """
@@ -37,7 +37,7 @@ class OpenAIRoutes:
         """OpenAI's `images.generate` (b64_json answers). hiresfix's /generate fields are
         accepted beside OpenAI's (the SDK's `extra_body`)."""
         if model_needs_lookup(body.model):
-            check_model(body.model, await self._served_source())
+            check_model(body.model, await self._sdxl_source())
         mapped = body.to_generate(self.limits.max_side)
         rid, t0 = request_id(request), time.perf_counter()
         req = mapped.request
@@ -56,8 +56,4 @@ class OpenAIRoutes:
     @api.get("/v1/models", response_model=ModelList, responses=MODELS_ERRORS)
     async def openai_models(self) -> ModelList:
         """What `model` takes: the served SDXL model (OpenAI's image model names mean it too)."""
-        return model_list(await self._served_source())
-
-    async def _served_source(self) -> str | None:
-        """The configured SDXL weights (`sdxl.source`), from the base stage's cached report."""
-        return (await self._stage_infos())["SDXLBase"].get("source")
+        return model_list(await self._sdxl_source())
