@@ -1,8 +1,9 @@
-"""Chaos for a running hiresfix cluster (issue 11, items 3 and 5): kill one replica of each
-deployment while requests are in flight, redeploy a changed config and shut Serve down while
-requests run, and print what the clients saw.
+"""Chaos for a running hiresfix cluster (issues 11 and 12): kill one replica of each deployment
+while requests are in flight, redeploy a changed config, drive autoscaling up and down, lose the
+node that holds the upscaler and let a new one join, stop Serve while requests run; and print what
+the clients saw, with the timings.
 
-    python bench/chaos.py                       # its own Ray head + the test config, then tear down
+    python bench/chaos.py       # its own cluster (a head + an `upscaler` node), then tear down
     python bench/chaos.py --address 127.0.0.1:6379 --url http://127.0.0.1:7860 --only upscaler
 
 Replicas are killed as a node loss would kill them: `ray.kill(actor, no_restart=True)`; the Serve
@@ -20,6 +21,9 @@ import argparse
 import base64
 import io
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +35,7 @@ from pathlib import Path
 import httpx
 
 APP = "hiresfix"
+REPO = Path(__file__).resolve().parents[1]
 UPSCALER_MODEL = "realesr-animevideov3"  # the test config's default neural model
 FACE_MODEL = "gfpgan-random"  # the test config's face model (random GFPGAN: seconds per face)
 # What an error body must never carry: exception names, traces, file paths, Ray internals.
@@ -152,6 +157,24 @@ class Cluster:
             if a["name"].startswith(prefix)
         )
 
+    def nodes_of(self, deployments: tuple[str, ...]) -> dict[str, set[str]]:
+        """The ids of the nodes each deployment's live replicas run on (from the GCS: no
+        dashboard needed)."""
+        import ray
+
+        out: dict[str, set[str]] = {d: set() for d in deployments}
+        for actor in ray._private.state.state.actor_table(None).values():
+            parts = (actor.get("Name") or "").split("#")
+            if actor.get("State") == "ALIVE" and len(parts) == 3 and parts[1] in out:
+                if parts[0] == f"SERVE_REPLICA::{APP}":
+                    out[parts[1]].add(actor["Address"]["NodeID"])
+        return out
+
+    def nodes_with(self, resource: str) -> set[str]:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]}
+
     def kill(self, deployment: str) -> tuple[list[str], float]:
         """Kill every replica of `deployment` (one in the test config), as a node loss would."""
         import ray
@@ -256,6 +279,7 @@ class Outcome:
     during: list[Answer] = field(default_factory=list)  # probes between the kill and recovery
     recovery_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)  # a scenario's own measurements (seconds)
 
     def statuses(self) -> dict:
         out: dict[str, int] = {}
@@ -276,10 +300,10 @@ class Outcome:
 
     def report(self) -> str:
         rec = f"{self.recovery_s:.1f} s" if self.recovery_s is not None else "NOT within the bound"
-        lines = [
-            f"== {self.name}",
-            f"   killed: {', '.join(self.killed) or '-'}",
-            f"   recovery (kill -> a fresh request succeeds): {rec}",
+        lines = [f"== {self.name}", f"   killed: {', '.join(self.killed) or '-'}"]
+        if self.killed or self.recovery_s is not None:  # a stop has nothing to recover
+            lines.append(f"   recovery (kill -> a fresh request succeeds): {rec}")
+        lines += [
             f"   status codes (in flight + probes): {self.statuses()}",
             f"   fallback reasons seen: {self.fallbacks() or '-'}",
         ]
@@ -495,56 +519,320 @@ def redeploy_while_busy(c: Cluster, deploy, cfg: dict) -> Outcome:
     return out
 
 
-def shutdown_while_busy(c: Cluster) -> Outcome:
-    """`serve.shutdown()` (what `serve shutdown` asks the controller for) while requests run.
-    Expected: each running request finishes or gets a clean error status; none is cut mid-body."""
-    from ray import serve
+# ------------------------------------------------------------------ scale out, lose a node, rejoin
+UPSCALER_RESOURCE = "upscaler"  # the custom resource a node offers to host Upscaler replicas
+SDXL_RESOURCE = "sdxl"  # the head's: SDXLBase and RefineFace run there, so a batch crosses nodes
+# How soon the head declares a silent node dead (Ray's defaults: ~15-60 s, longer on a loaded box);
+# until then a request routed to a replica on it is retried by Serve's router.
+NODE_DEATH = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 2000,
+    "health_check_failure_threshold": 4,
+}
+SCALED = ("Upscaler", "SDXLBase")  # what autoscaled() drives up and down
 
-    out = Outcome("serve shutdown while requests run")
-    with ThreadPoolExecutor(6) as pool:
+
+def multi_node_config(cfg: dict) -> None:
+    """The test config for a head plus upscaler node(s): the Upscaler runs only where a node offers
+    the `upscaler` resource, SDXLBase and RefineFace only where one offers `sdxl` (as a GPU cluster
+    places stages by node group); the Upscaler and SDXLBase autoscale 1..2 with short delays."""
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"] == "RefineFace":
+            d.setdefault("ray_actor_options", {})["resources"] = {SDXL_RESOURCE: 1}
+        if d["name"] not in SCALED:
+            continue
+        d.pop("num_replicas", None)
+        d["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 8,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        }
+        resource = UPSCALER_RESOURCE if d["name"] == "Upscaler" else SDXL_RESOURCE
+        d.setdefault("ray_actor_options", {})["resources"] = {resource: 1}
+
+
+class Timeline:
+    """Running replicas of some deployments over time, sampled from serve.status() in a thread."""
+
+    def __init__(self, names: tuple[str, ...], every: float = 0.5):
+        import threading
+
+        self.names, self.every, self.t0 = names, every, time.monotonic()
+        self.rows: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from ray import serve
+
+        while not self._stop.is_set():
+            try:
+                deps = serve.status().applications[APP].deployments
+                now = {n: deps[n].replica_states.get("RUNNING", 0) for n in self.names}
+            except Exception:  # noqa: BLE001 - the controller busy for a moment: next sample
+                now = None
+            if now is not None and (not self.rows or self.rows[-1][1] != now):
+                self.rows.append((time.monotonic() - self.t0, now))
+            self._stop.wait(self.every)
+
+    def now(self, name: str) -> int:
+        return self.rows[-1][1][name] if self.rows else 0
+
+    def first(self, name: str, pred, after: float = 0.0) -> float | None:
+        """Seconds (since the start) of the first sample after `after` where pred(count) holds."""
+        return next((t for t, row in self.rows if t >= after and pred(row[name])), None)
+
+    def table(self) -> list[str]:
+        head = "   t (s)  " + "  ".join(f"{n:>9}" for n in self.names)
+        return [head] + [
+            f"   {t:6.1f}  " + "  ".join(f"{row[n]:>9}" for n in self.names) for t, row in self.rows
+        ]
+
+
+def autoscaled(c: Cluster, up_timeout: float = 150, down_timeout: float = 120) -> Outcome:
+    """Load until the Upscaler and SDXLBase each run 2 replicas, then a trickle (one client) until
+    both are back at 1: every answer 200 (or 503 with Retry-After), none cut, scale-down drains
+    the replica it stops (the trickle's requests land on it too)."""
+    import threading
+
+    out = Outcome("autoscaling: load scales Upscaler and SDXLBase 1 -> 2 -> 1")
+    heavy, trickle = threading.Event(), threading.Event()
+    upscale = {"image": png_b64(256), "scale": 2, "upscaler": UPSCALER_MODEL}
+
+    def client(label: str, path: str, body: dict, until: threading.Event) -> list[Answer]:
+        seen = []
+        while not until.is_set():
+            seen.append(send(c.url, label, path, body, timeout=120))
+        return seen
+
+    with Timeline(SCALED) as tl, ThreadPoolExecutor(10) as pool:
+        futs = [pool.submit(client, f"up-{i}", "/upscale", upscale, heavy) for i in range(5)]
+        futs += [
+            pool.submit(client, f"gen-{i}", "/generate", generate_body(128, 8), heavy)
+            for i in range(4)
+        ]
+        futs.append(pool.submit(client, "trickle", "/upscale", upscale, trickle))
+        deadline = time.monotonic() + up_timeout
+        while time.monotonic() < deadline and not all(tl.now(n) >= 2 for n in SCALED):
+            time.sleep(0.5)
+        time.sleep(3)  # a few requests on both replicas
+        heavy.set()
+        t_quiet = time.monotonic() - tl.t0
+        deadline = time.monotonic() + down_timeout
+        while time.monotonic() < deadline and not all(tl.now(n) == 1 for n in SCALED):
+            time.sleep(0.5)
+        trickle.set()
+        for f in futs:
+            out.during += f.result(timeout=180)
+    for name in SCALED:
+        up = tl.first(name, lambda n: n >= 2)
+        down = tl.first(name, lambda n: n <= 1, after=t_quiet)
+        out.notes.append(
+            f"{name}: 2 replicas {up:.1f} s after the load began; back to 1 replica "
+            f"{down - t_quiet:.1f} s after it stopped"
+            if up is not None and down is not None
+            else f"{name}: scaled up at {up}, down at {down} (s; None = not within the bound)"
+        )
+    out.notes.append(f"{len(out.during)} requests answered during the run: {out.statuses()}")
+    out.notes += ["timeline (RUNNING replicas):", *tl.table()]
+    for n in SCALED:
+        out.figures[n] = (tl.first(n, lambda k: k >= 2), tl.first(n, lambda k: k <= 1, t_quiet))
+    return out
+
+
+def node_lost(c: Cluster, lose, rejoin, timeout: float = 180) -> Outcome:
+    """The node holding every Upscaler replica is lost (`lose()`: SIGKILL to all its processes)
+    while hires requests run, and no other node offers the `upscaler` resource. Expected: every
+    answer 200 (LANCZOS, `fallback_reason: upscaler_unavailable` once the upscaler is gone),
+    /health says the upscaler is unavailable; after `rejoin()` starts a node with the resource,
+    the neural path comes back without a restart. Prints detection and recovery times."""
+    out = Outcome("the upscaler's node is lost, then a new one joins")
+    hires = {**hires_body(96, 4, 4), "upscaler": UPSCALER_MODEL}
+
+    def probe_fallback():
+        a = send(c.url, "hires-after-loss", "/generate", hires, timeout=120)
+        return a.status == 200 and a.fallback_reason == "upscaler_unavailable", a
+
+    def probe_health_down():
+        try:
+            h = httpx.get(c.url + "/health", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return False, None
+        return h.get("realesrgan_available") is False, None
+
+    with ThreadPoolExecutor(4) as pool:
+        fut = launch(pool, c.url, [(f"in-flight-{i}", "/generate", hires) for i in range(3)])
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        lose()
+        out.killed.append("the upscaler node (every process SIGKILLed)")
+        health = pool.submit(recovery, probe_health_down, t0, timeout)
+        detect_s, seen = recovery(probe_fallback, t0, timeout=timeout)
+        health_s, _ = health.result(timeout=timeout + 30)
+        out.answers = results(fut, timeout=timeout)
+    out.during += seen
+    out.notes.append(
+        f"a fresh hires request falls back {detect_s:.1f} s after the loss"
+        if detect_s is not None
+        else "hires requests never fell back within the bound"
+    )
+    out.notes.append(
+        f"/health reports the upscaler unavailable {health_s:.1f} s after the loss"
+        if health_s is not None
+        else "/health never reported the upscaler unavailable"
+    )
+    out.figures.update(detect_s=detect_s, health_s=health_s)
+
+    t1 = time.monotonic()
+    rejoin()
+    joined = time.monotonic() - t1
+    out.notes.append(f"a new node with the `{UPSCALER_RESOURCE}` resource joined in {joined:.1f} s")
+
+    def probe_neural():
+        a = send(c.url, "hires-after-rejoin", "/generate", hires, timeout=120)
+        return a.status == 200 and a.body.get("upscaler_used") == UPSCALER_MODEL, a
+
+    out.recovery_s, seen = recovery(probe_neural, t1, timeout=timeout, pause=1.0)
+    out.during += seen
+    return out
+
+
+def stop_while_busy(c: Cluster, config: Path | None = None) -> Outcome:
+    """A graceful stop while requests run. With `config`: SIGTERM to `scripts/serve config`
+    attached to the cluster (what stops `scripts/demo`), which runs `hiresfix stop`; without it:
+    `hiresfix stop` itself. Plain `serve shutdown` cuts every running request in Ray 2.60 (the
+    proxies close at once); the drain must not. Expected: each request admitted before the stop
+    answers 200; each sent while it drains gets a 503 with Retry-After at once; none is cut;
+    Serve is gone afterwards and the drain flag is cleared."""
+    import signal
+
+    if config is None:
+        name, cmd = "hiresfix stop", [sys.executable, "-m", "hiresfix.cli", "stop"]
+        cmd += ["--address", c.address, "--timeout", "240"]
+    else:
+        name, cmd = "SIGTERM to scripts/serve", [str(REPO / "scripts" / "serve"), str(config)]
+        cmd += ["--address", c.address]
+    out = Outcome(f"{name} (drain, then serve shutdown) while requests run")
+    env = {**os.environ, "HIRESFIX_STOP_TIMEOUT": "240"}
+    with ThreadPoolExecutor(8) as pool:
+        if config is not None:  # attached: `serve run` resubmits the running config (no change)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+            )
+            time.sleep(5)
         fut = busy_mix(c, pool)
         time.sleep(1.5)
         t0 = time.monotonic()
-        serve.shutdown()
-        out.notes.append(f"serve.shutdown() returned after {time.monotonic() - t0:.1f} s")
+        if config is None:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+            )
+        else:
+            proc.send_signal(signal.SIGTERM)
+        lines = []
+        for line in proc.stdout:
+            lines.append(re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip()))  # no colour codes
+            draining = "requests running" in line and " 0 requests running" not in line
+            if draining and not out.during:  # the replicas draining, requests still running
+                out.during = [
+                    send(
+                        c.url, f"while-draining-{i}", "/generate", generate_body(64, 2), timeout=30
+                    )
+                    for i in range(2)
+                ]
+        rc = proc.wait(timeout=60)
+        out.notes.append(f"{name} exited {rc} after {time.monotonic() - t0:.1f} s")
+        if rc == 0:
+            out.notes += [f"  {line}" for line in lines if "drain" in line or "running" in line]
+        else:  # everything it said, to see why
+            out.notes += [f"  {line}" for line in lines[-60:]]
         out.answers = results(fut, timeout=300)
     return out
 
 
 # --------------------------------------------------------------------------------------------- main
-def start_cluster(tmp: Path, gfpgan: Path | None, weights: Path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.serve_harness import RayHead, ServeApp, snapshot_code
+OWN_CLUSTER = ("redeploy", "autoscale", "node")  # scenarios that need the cluster we started
 
-    if gfpgan is None:
-        from tests.model_factories import build_random_gfpgan
 
-        gfpgan = build_random_gfpgan(tmp / "gfpgan-random.safetensors")
-    code = snapshot_code(tmp)
-    head = RayHead.start(tmp, code=code)
-    app = ServeApp(tmp, weights, gfpgan, ray_address=head.address, nolib=False, code=code)
-    return head, app
+class OwnCluster:
+    """A head offering `sdxl`, a node offering `upscaler`, and the test config deployed on them
+    (multi_node_config). lose_worker()/rejoin() play the node loss; stop() ends every node."""
+
+    def __init__(self, tmp: Path, gfpgan: Path | None, weights: Path):
+        sys.path.insert(0, str(REPO))
+        from tests.serve_harness import RayHead, ServeApp, snapshot_code
+
+        if gfpgan is None:
+            from tests.model_factories import build_random_gfpgan
+
+            gfpgan = build_random_gfpgan(tmp / "gfpgan-random.safetensors")
+        self.tmp, self.code = tmp, snapshot_code(tmp)
+        self.nodes = [
+            RayHead.start(
+                tmp, code=self.code, resources={SDXL_RESOURCE: 3}, system_config=NODE_DEATH
+            )
+        ]
+        self.head = self.nodes[0]
+        self.rejoin()
+        self.app = ServeApp(
+            tmp,
+            weights,
+            gfpgan,
+            ray_address=self.head.address,
+            nolib=False,
+            code=self.code,
+            edit=multi_node_config,
+        )
+
+    def rejoin(self) -> None:
+        """A (new) worker node offering the `upscaler` resource joins."""
+        from tests.serve_harness import RayHead
+
+        worker = RayHead.start(
+            self.tmp, code=self.code, join=self.head.address, resources={UPSCALER_RESOURCE: 2}
+        )
+        self.nodes.append(worker)
+
+    def lose_worker(self) -> None:
+        self.nodes[-1].lose()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--address", help="GCS address of a running cluster (else: start our own)")
     ap.add_argument("--url", default="http://127.0.0.1:7860")
-    ap.add_argument("--only", nargs="*", choices=[*KILLS, "redeploy", "shutdown"])
+    ap.add_argument("--only", nargs="*", choices=[*KILLS, *OWN_CLUSTER, "stop"])
     ap.add_argument("--gfpgan", type=Path, help="a GFPGAN file (else a random one is built)")
     ap.add_argument(
         "--weights", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "weights"
     )
     args = ap.parse_args(argv)
-    wanted = args.only or [*KILLS, "redeploy", "shutdown"]
-    head = app = None
+    wanted = args.only or [*KILLS, *OWN_CLUSTER, "stop"]
+    own = app = None
     t_start = time.monotonic()
     tmpdir = tempfile.TemporaryDirectory(prefix="chaos-")
     try:
         if args.address is None:
-            head, app = start_cluster(Path(tmpdir.name), args.gfpgan, args.weights)
+            own = OwnCluster(Path(tmpdir.name), args.gfpgan, args.weights)
+            app = own.app
             app.wait_ready()
-            address, url = head.address, app.url
+            address, url = own.head.address, app.url
             print(
                 f"cluster up in {time.monotonic() - t_start:.0f} s ({address}, {url})", flush=True
             )
@@ -555,13 +843,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in wanted:
             if name in KILLS:
                 o = KILLS[name](c)
+            elif name in OWN_CLUSTER and own is None:
+                print(f"{name}: needs our own cluster (no --address)")
+                continue
             elif name == "redeploy":
-                if app is None:
-                    print("redeploy: needs our own cluster (no --address)")
-                    continue
                 o = redeploy_while_busy(c, app.deploy, app.cfg)
+            elif name == "autoscale":
+                o = autoscaled(c)
+            elif name == "node":
+                o = node_lost(c, own.lose_worker, own.rejoin)
             else:
-                o = shutdown_while_busy(c)
+                o = stop_while_busy(c, app.config if app is not None else None)
             outcomes.append(o)
             print(o.report(), flush=True)
         print("\n== summary")
@@ -583,8 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1 if any(o.problems() for o in outcomes) else 0
     finally:
-        if head is not None:
-            head.stop()
+        if own is not None:
+            own.stop()
         tmpdir.cleanup()
 
 

@@ -6,6 +6,12 @@ Starts `serve run` on an upscale-focused copy of serve_config.cpu.yaml, then for
 and prints the overhead (service - in-process) split into image decode/encode (reported by the
 service's own timings) and the rest (HTTP, JSON/base64, Ray hops). Not a test; prints figures.
 
+Then the no-model round trip (issue 14): the same PNG sent to /upscale at scale 1.0 with
+use_realesrgan false, answered as image/png, against the bare work it stands for, measured in the
+same run, alternating: Pillow decoding that PNG and encoding it again at the service's PNG setting
+(hiresfix.images.PNG_COMPRESS_LEVEL). Targets: round trip / bare <= 1.25; serving overhead (round
+trip minus the service's own decode + encode: HTTP, ingress, Ray) <= 10 ms.
+
     python bench/serve_overhead.py --weights ../shared/weights --size 512 --runs 5
 """
 
@@ -35,6 +41,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=2.0)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bare-runs", type=int, default=15, help="no-model round trips (and refs)")
+    ap.add_argument("--bare-only", action="store_true", help="only the no-model round trip")
     ns = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -60,17 +68,21 @@ def main() -> None:
     settings = cfg["applications"][0]["args"]["upscaler"]
     bank = UpscalerBank.from_settings(UpscalerSettings(**settings))
     pic = Picture.from_pil(src)
-    bank.upscale([pic], ns.scale, model="realesr-animevideov3")  # warm-up
     inproc = []
-    for _ in range(ns.runs):
+    if not ns.bare_only:
+        bank.upscale([pic], ns.scale, model="realesr-animevideov3")  # warm-up
+    for _ in range(0 if ns.bare_only else ns.runs):
         t = time.perf_counter()
         bank.upscale([pic], ns.scale, model="realesr-animevideov3")
         inproc.append(time.perf_counter() - t)
 
     with tmpdir:
-        app = ServeApp(tmp, Path(ns.weights), tmp / "no-face.safetensors")
+        app = ServeApp(tmp, Path(ns.weights), tmp / "no-face.safetensors", nolib=False)
         try:
             app.wait_ready()
+            if ns.bare_only:
+                print_bare(ns, no_model_round_trip(app.url, buf.getvalue(), ns.bare_runs))
+                return
             body = {"image": b64, "scale": ns.scale}
             httpx.post(app.url + "/upscale", json=body, timeout=600).raise_for_status()  # warm-up
             svc, codec, server, stage = [], [], [], []
@@ -100,6 +112,7 @@ def main() -> None:
                 bin_hops.append(
                     tm["total"] - tm["upscale"] - tm.get("decode", 0) - tm.get("encode", 0)
                 )
+            bare = no_model_round_trip(app.url, buf.getvalue(), ns.bare_runs)
         finally:
             app.stop()
 
@@ -130,6 +143,76 @@ def main() -> None:
         "  serving overhead, image/png answer           "
         f"{med([h + x for h, x in zip(bin_hops, bin_http)]) * 1000:8.1f} ms"
     )
+    print_bare(ns, bare)
+
+
+def print_bare(ns, bare: dict[str, list[float]]) -> None:
+    med = statistics.median
+    trip, ref, codec_ms = (med(bare[k]) for k in ("trip", "ref", "codec"))
+    over_ms = med([t - c for t, c in zip(bare["trip"], bare["codec"])]) * 1000
+    print(
+        f"no-model /upscale, {ns.size} px PNG, scale 1.0, use_realesrgan false, Accept: image/png"
+        f" (median of {ns.bare_runs}, alternating with the reference)"
+    )
+    print(f"  bare Pillow decode + encode (reference)      {ref * 1000:8.1f} ms")
+    print(f"  client round trip                            {trip * 1000:8.1f} ms")
+    print(f"    service's own decode + encode              {codec_ms * 1000:8.1f} ms")
+    print(
+        f"  round trip / bare                            {trip / ref:8.2f}"
+        f"   {'ok' if trip / ref <= 1.25 else 'MISSES'} (target <= 1.25)"
+    )
+    print(
+        f"  serving overhead (round trip - codec)        {over_ms:8.1f} ms"
+        f"   {'ok' if over_ms <= 10 else 'MISSES'} (target <= 10 ms)"
+    )
+    inside = med([r - c for r, c in zip(bare["route"], bare["codec"])]) * 1000
+    outside = med([t - r for t, r in zip(bare["trip"], bare["route"])]) * 1000
+    print(f"    inside the route, besides the codec        {inside:8.1f} ms")
+    print(f"    outside it (HTTP, proxy, Ray, FastAPI)     {outside:8.1f} ms")
+    print(f"  the same route with an 8 px PNG (fixed cost) {med(bare['tiny']) * 1000:8.1f} ms")
+
+
+def no_model_round_trip(url: str, png: bytes, runs: int) -> dict[str, list[float]]:
+    """The no-model /upscale round trip and, alternating with it, the bare Pillow work."""
+    import httpx
+    from PIL import Image
+
+    from hiresfix.images import PNG_COMPRESS_LEVEL, png_zlib
+
+    level, strategy = png_zlib(PNG_COMPRESS_LEVEL)
+
+    def bare() -> None:
+        im = Image.open(io.BytesIO(png))
+        im.load()
+        im.save(io.BytesIO(), "PNG", compress_level=level, compress_type=strategy)
+
+    body = {"image": base64.b64encode(png).decode(), "scale": 1.0, "use_realesrgan": False}
+    tiny = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(tiny, "PNG")
+    # The same route with an 8 px PNG: the per-request cost of HTTP, Ray and the route itself.
+    small = {**body, "image": base64.b64encode(tiny.getvalue()).decode()}
+    out: dict[str, list[float]] = {k: [] for k in ("trip", "ref", "codec", "route", "tiny")}
+    with httpx.Client(timeout=120) as client:  # one connection, as a client script would keep
+        for i in range(runs + 1):
+            t = time.perf_counter()
+            bare()
+            ref = time.perf_counter() - t
+            t = time.perf_counter()
+            r = client.post(url + "/upscale", json=body, headers={"accept": "image/png"})
+            trip = time.perf_counter() - t
+            r.raise_for_status()
+            assert r.headers["content-type"] == "image/png", r.headers
+            tm = json.loads(r.headers["x-hiresfix-meta"])["timings"]
+            t = time.perf_counter()
+            client.post(url + "/upscale", json=small, headers={"accept": "image/png"})
+            tiny_trip = time.perf_counter() - t
+            if i:  # the first is a warm-up
+                out["trip"].append(trip)
+                out["ref"].append(ref)
+                out["codec"].append(tm.get("decode", 0) + tm.get("encode", 0))
+                out["route"].append(tm["total"])
+                out["tiny"].append(tiny_trip)
+    return out
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def child(args) -> None:
                 tile_size=args.tile,
                 tile_overlap=args.overlap,
                 tile_batch=args.batch,
+                dtype=args.dtype,
                 models=[UpscalerModelSpec(name="m", file=Path(args.weights).name)],
             )
         )
@@ -190,6 +191,8 @@ def _run_child(args, variant: str, tile: int, save: str | None) -> dict:
         str(args.batch),
         "--threads",
         str(args.threads),
+        "--dtype",
+        args.dtype,
     ]
     if save:
         cmd += ["--save", save]
@@ -224,6 +227,13 @@ def main() -> None:
         help="torch threads (default: all cores; use 1 on a busy shared box for steadier figures)",
     )
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="the tiled side's precision (fp32: tiling cost alone; auto: the product default,"
+        " bf16 on CPUs with native bf16)",
+    )
     ap.add_argument("--quick", action="store_true", help="256 px input, one repeat")
     ap.add_argument(
         "--company",

@@ -1,32 +1,43 @@
-"""AUTOMATIC1111's API on the ingress: txt2img, extra-single-image and the read-only lists A1111
-clients fetch at start-up. The mapping is hiresfix/a1111.py; these routes only call the Ingress's
-helpers (`_generate`, `_upscale`, `_encode`, `_stage_infos`), and `Ingress` inherits them (Ray
-Serve's @serve.ingress finds routes on base classes through the class's MRO).
+"""AUTOMATIC1111's API on the ingress: txt2img, img2img, extra-single-image, png-info, progress,
+interrupt, skip and the read-only lists A1111 clients fetch at start-up. The mapping is
+hiresfix/a1111.py; these routes only call the Ingress's helpers (`_generate`, `_img2img`,
+`_upscale`, `_encode`, `_stage_infos`, `tracker`), and `Ingress` inherits them (Ray Serve's
+@serve.ingress finds routes on base classes through the class's MRO).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the route methods.
 import json
 import time
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 
 from deployments.http import api, error_docs, json_answer, request_id
 from hiresfix.a1111 import (
+    IMG2IMG_FIELD,
     ExtrasRequest,
     ExtrasResponse,
     FaceRestorerItem,
+    Img2ImgA1111Request,
     OptionsUpdate,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
     SamplerItem,
     SchedulerItem,
     SDModelItem,
+    SignalResponse,
     Txt2ImgRequest,
     Txt2ImgResponse,
     UpscalerItem,
+    caller_tag,
     checkpoint,
     face_restorers,
+    img2img_info,
     info_json,
     options,
+    png_info,
+    progress_response,
     samplers,
     schedulers,
     update_options,
@@ -37,6 +48,9 @@ from hiresfix.schemas import RequestError
 TXT2IMG_ERRORS = error_docs(400, 401, 408, 409, 413, 422, 429, 500, 503)
 EXTRAS_ERRORS = error_docs(400, 401, 408, 413, 422, 429, 500, 503)
 LIST_ERRORS = error_docs(401, 500)
+PNGINFO_ERRORS = error_docs(400, 401, 408, 413, 422, 429, 500, 503)
+STATE_ERRORS = error_docs(401, 422, 429, 500, 503)  # 503: the progress board does not answer
+SIGNAL_ERRORS = error_docs(401, 408, 413, 429, 500, 503)
 
 
 class A1111Routes:
@@ -47,7 +61,8 @@ class A1111Routes:
         """AUTOMATIC1111's txt2img API (hiresfix/a1111.py): A1111 clients work unchanged."""
         req, notes = body.to_generate(self.upscaler_names)
         rid, t0 = request_id(request), time.perf_counter()
-        ours = await self._encode(await self._generate(req, rid), "png", t0, rid)
+        caller = caller_tag(request.headers.get("authorization"))
+        ours = await self._encode(await self._generate(req, rid, caller), "png", t0, rid)
         meta = ours.model_dump(mode="json", exclude={"image", "images"})
         return json_answer(
             Txt2ImgResponse(
@@ -56,6 +71,56 @@ class A1111Routes:
                 info=info_json(req, ours.seeds, meta, notes),
             )
         )
+
+    @api.post("/sdapi/v1/img2img", response_model=Txt2ImgResponse, responses=TXT2IMG_ERRORS)
+    async def a1111_img2img(self, body: Img2ImgA1111Request, request: Request) -> Response:
+        """AUTOMATIC1111's img2img API (inpainting with `mask`), run as POST /img2img."""
+        req, notes = body.to_img2img(self.upscaler_names)
+        rid, t0 = request_id(request), time.perf_counter()
+        caller = caller_tag(request.headers.get("authorization"))
+        try:
+            batch = await self._img2img(req, rid, t0, caller)
+        except RequestError as exc:  # name the field the A1111 client sent
+            exc.field = IMG2IMG_FIELD.get(exc.field, exc.field)
+            raise
+        ours = await self._encode(batch, "png", t0, rid)
+        meta = ours.model_dump(mode="json", exclude={"image", "images"})
+        return json_answer(
+            Txt2ImgResponse(
+                images=ours.images,
+                parameters=body.parameters(),
+                info=img2img_info(req, meta, notes),
+            )
+        )
+
+    @api.post("/sdapi/v1/png-info", response_model=PNGInfoResponse, responses=PNGINFO_ERRORS)
+    async def a1111_png_info(self, body: PNGInfoRequest) -> PNGInfoResponse:
+        """The generation parameters a PNG carries (hiresfix's PNG answers carry them too)."""
+        return png_info(body.image, self.limits.max_input_bytes)
+
+    @api.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=STATE_ERRORS)
+    async def a1111_progress(
+        self,
+        request: Request,
+        skip_current_image: bool = Query(False, description="A1111's flag; no previews here."),
+    ) -> ProgressResponse:
+        """The caller's running A1111 job (its latest), in A1111's shape; idle: progress 0."""
+        tag = caller_tag(request.headers.get("authorization"))
+        return progress_response(await self.tracker.current(tag))
+
+    @api.post("/sdapi/v1/interrupt", response_model=SignalResponse, responses=SIGNAL_ERRORS)
+    async def a1111_interrupt(self, request: Request) -> SignalResponse:
+        """Stop the caller's running A1111 jobs early: the running pass ends at its next step,
+        later passes after their first, and each job answers with the pictures as they are."""
+        tag = caller_tag(request.headers.get("authorization"))
+        return SignalResponse(requests=await self.tracker.signal(tag, "interrupt"))
+
+    @api.post("/sdapi/v1/skip", response_model=SignalResponse, responses=SIGNAL_ERRORS)
+    async def a1111_skip(self, request: Request) -> SignalResponse:
+        """End the running pass of the caller's A1111 jobs early; the passes after it still run
+        (A1111's skip moves on to what comes next)."""
+        tag = caller_tag(request.headers.get("authorization"))
+        return SignalResponse(requests=await self.tracker.signal(tag, "skip"))
 
     @api.post(
         "/sdapi/v1/extra-single-image", response_model=ExtrasResponse, responses=EXTRAS_ERRORS

@@ -5,10 +5,13 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics
 from deployments.cancel import run_cancellable
 from deployments.progress import Reporter
-from hiresfix.schemas import GenerateRequest
+from hiresfix.images import Picture
+from hiresfix.schemas import GenerateRequest, Img2ImgRequest
 from hiresfix.sdxl import BaseStage, SDXLSettings, load_base_pipeline
+from hiresfix.sdxl.img2img import Img2ImgStage
 from hiresfix.stages import ImageBatch
 
 
@@ -17,9 +20,12 @@ class SDXLBase:
     def __init__(self, *, settings: dict, progress: DeploymentHandle, report_interval_s: float):
         self.settings = SDXLSettings.model_validate(settings)
         self.progress = Reporter(progress, report_interval_s)
+        metrics.use_serve_logging()
         # Loading fails here, at start-up, with the file named: never at the first request.
-        self.pipe = load_base_pipeline(self.settings)
+        with metrics.timed_load("base", self.settings.path or self.settings.source):
+            self.pipe = load_base_pipeline(self.settings)
         self.stage = BaseStage(self.pipe)
+        self.img2img_stage = Img2ImgStage(self.pipe)  # POST /img2img: the same modules
 
     async def generate(self, req: GenerateRequest, request_id: str | None = None) -> ImageBatch:
         batch = await run_cancellable(
@@ -28,7 +34,19 @@ class SDXLBase:
             self.progress.stepper(request_id, "base"),
         )
         batch.request_id = request_id  # travels with the pictures: later stages report under it
+        metrics.record_gpu_memory("base")
         return batch
+
+    async def img2img(
+        self, batch: ImageBatch, req: Img2ImgRequest, size: tuple[int, int], mask: Picture | None
+    ) -> ImageBatch:
+        """POST /img2img (inpainting with `mask`) on the base model: a separate refiner, when one
+        is configured, is trained for the last denoising steps only."""
+        return await run_cancellable(
+            lambda on_step: self.img2img_stage.run(batch, req, size, mask, on_step=on_step),
+            "img2img",
+            self.progress.stepper(batch.request_id, "img2img"),
+        )
 
     def info(self) -> dict:
         return {

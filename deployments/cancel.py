@@ -25,18 +25,19 @@ class RequestCancelled(Exception):
 async def run_cancellable(
     work: Callable[[Callable[[int, int], None]], T],
     what: str,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], bool | None] | None = None,
 ) -> T:
-    """`progress(steps_done)` is called from the worker thread after each step."""
+    """`progress(steps_done)` is called from the worker thread after each step; when it answers
+    True (an A1111 interrupt or skip), the model code stops early and keeps what it has."""
     stop = threading.Event()
     steps = [0]
 
-    def on_step(step: int, _timestep: int) -> None:
+    def on_step(step: int, _timestep: int) -> bool:
         steps[0] = step + 1
-        if progress is not None:
-            progress(steps[0])
+        early = progress(steps[0]) if progress is not None else False
         if stop.is_set():
             raise RequestCancelled(f"{what} cancelled at step {steps[0]}")
+        return bool(early)
 
     task = asyncio.ensure_future(asyncio.to_thread(work, on_step))
     try:

@@ -12,11 +12,14 @@ from ray.serve import Application
 from deployments.base import SDXLBase
 from deployments.guard import HttpSettings
 from deployments.ingress import HealthSettings, Ingress
+from deployments.jobs import Jobs
 from deployments.progress import Progress
 from deployments.refine import RefineFace
 from deployments.upscaler import Upscaler
 from hiresfix.face import FaceSettings
+from hiresfix.jobs import JobSettings
 from hiresfix.limits import Limits
+from hiresfix.openai_api import OpenAISettings
 from hiresfix.progress import ProgressSettings
 from hiresfix.sdxl import SDXLSettings
 from hiresfix.upscale import UpscalerSettings
@@ -31,6 +34,8 @@ class AppArgs(BaseModel):
     progress: ProgressSettings = Field(default_factory=ProgressSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
 
 def build_app(args: dict) -> Application:
@@ -38,7 +43,7 @@ def build_app(args: dict) -> Application:
     sdxl = cfg.sdxl.model_dump()
     every = cfg.progress.report_interval_s
     # Every stage reports its steps to one progress board (GET /progress).
-    progress = Progress.bind(settings=cfg.progress)
+    progress = Progress.bind(settings=cfg.progress, results=cfg.openai)  # and the url results
     base = SDXLBase.bind(settings=sdxl, progress=progress, report_interval_s=every)
     upscaler = Upscaler.bind(
         settings=cfg.upscaler.model_dump(), progress=progress, report_interval_s=every
@@ -57,4 +62,6 @@ def build_app(args: dict) -> Application:
         http=cfg.http,
         upscaler_names=[m.name for m in cfg.upscaler.models],
         face_names=[m.name for m in cfg.face.models],
+        openai=cfg.openai,
+        jobs=Jobs.bind(settings=cfg.jobs),  # the queue behind /jobs; it calls the Ingress back
     )

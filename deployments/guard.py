@@ -18,17 +18,27 @@ import functools
 import hmac
 import json
 import os
+import re
+import uuid
 from collections import Counter
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.drain import DrainWatch
+from deployments.metrics import record_rejection
+from hiresfix.images import PNG_COMPRESS_LEVEL
+from hiresfix.jobs import key_id
 from hiresfix.openai_api import is_openai_path, openai_error
 from hiresfix.schemas import ErrorResponse
 
 API_KEYS_ENV = "HIRESFIX_API_KEYS"  # comma-separated; unset or empty = no authentication
 GUARD_ENV = "HIRESFIX_GUARD"  # GuardSettings as JSON, written by Ingress.__init__
 OPEN_PATHS = ("/health",)  # probes
+# OpenAI `response_format: url` links: the unguessable id is the permission, as OpenAI's links
+# are (an <img src> sends no Authorization header).
+OPEN_PREFIXES = ("/v1/images/results/",)
+KEY_ID_STATE = "hiresfix_key_id"  # scope["state"] key: the caller's API key fingerprint
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
@@ -58,6 +68,20 @@ class HttpSettings(BaseModel):
         description="POST bodies one ingress replica reads at once, before admission: stalled"
         " uploads (slow-loris) wait out body_timeout_s here, never in an admission slot.",
     )
+    png_compress_level: int = Field(
+        PNG_COMPRESS_LEVEL,
+        ge=0,
+        le=9,
+        description="PNG answers' compression, lossless at every level: 1 (default) is zlib 1 with"
+        " the run-length strategy, ~5x faster to encode than Pillow's default 6 for photos 0-1%"
+        " larger; 2-9 are zlib's levels (9: smallest files, ~25x slower than 1; 0: stored).",
+    )
+    drain_poll_s: float = Field(
+        0.5,
+        gt=0,
+        description="How often each ingress replica looks for `hiresfix stop`'s drain flag (and,"
+        " while draining, reports the requests it still holds).",
+    )
 
 
 class GuardSettings(HttpSettings):
@@ -74,26 +98,44 @@ def guard_settings() -> GuardSettings:
     return _parse(os.environ.get(GUARD_ENV, "{}"))
 
 
-class Refusal(JSONResponse):
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what an X-Request-ID may be
+
+
+def serve_request_id() -> str:
+    """Ray's own id for the request being served (the one in Serve's access log), else a fresh
+    one."""
+    try:
+        from ray.serve.context import _get_serve_request_context  # private, hence guarded
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # noqa: BLE001
+        return uuid.uuid4().hex
+
+
+class Refusal:
     """A refusal in our ErrorResponse shape, or in OpenAI's when the path it answers is under /v1/
-    (the same rule as deployments/http.py's error_shape_for)."""
+    (the same rule as deployments/http.py's error_shape_for). It carries a request id like every
+    other error: the client's valid X-Request-ID, else Serve's."""
 
     def __init__(self, status: int, field: str, message: str, summary: str, headers=None):
-        body = ErrorResponse.of(field, message, summary=summary)
-        super().__init__(status_code=status, content=body.model_dump(), headers=headers)
-        self._field, self._message, self._headers = field, message, headers
+        self.status_code, self._field, self._message = status, field, message
+        self._summary, self._headers = summary, headers or {}
 
     async def __call__(self, scope, receive, send):
-        if not is_openai_path(scope.get("path", ""), scope.get("root_path", "")):
-            return await super().__call__(scope, receive, send)
-        status, body = openai_error(self.status_code, self._field, self._message)
-        answer = JSONResponse(status_code=status, content=body, headers=self._headers)
+        sent = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = sent if REQUEST_ID.match(sent) else serve_request_id()
+        headers = {**self._headers, "x-request-id": rid}
+        if is_openai_path(scope.get("path", ""), scope.get("root_path", "")):
+            status, body = openai_error(self.status_code, self._field, self._message)
+        else:
+            status = self.status_code
+            body = ErrorResponse.of(self._field, self._message, rid, self._summary).model_dump()
+        answer = JSONResponse(status_code=status, content=body, headers=headers)
+        record_rejection(status, self._field)  # hiresfix_rejected_requests
         return await answer(scope, receive, send)
 
 
-def error_response(
-    status: int, field: str, message: str, summary: str, headers=None
-) -> JSONResponse:
+def error_response(status: int, field: str, message: str, summary: str, headers=None) -> Refusal:
     return Refusal(status, field, message, summary, headers)
 
 
@@ -112,7 +154,7 @@ def _authorised(header: bytes, keys: list[bytes]) -> bytes | None:
     return match
 
 
-def _too_large(detail: str, limit: int) -> JSONResponse:
+def _too_large(detail: str, limit: int) -> Refusal:
     return error_response(
         413,
         "body",
@@ -158,11 +200,16 @@ class Guard:
         self._in_flight = 0  # admitted: bodies read, in the app
         self._uploading = 0  # bodies being read
         self._per_key: Counter[bytes] = Counter()
+        self.drain = DrainWatch()  # `hiresfix stop` (deployments/drain.py)
 
     def settings(self) -> GuardSettings:
         return guard_settings()
 
     async def __call__(self, scope, receive, send):
+        # Serve sends the lifespan scope at replica start: the drain watch starts with the replica.
+        self.drain.start(
+            lambda: self._in_flight + self._uploading, lambda: self.settings().drain_poll_s
+        )
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         s, path = self.settings(), scope.get("path", "")
@@ -173,7 +220,11 @@ class Guard:
         wait = {"retry-after": str(s.retry_after_s)}
         key = None
         keys = _keys()
-        public = path in OPEN_PATHS or (s.docs_public and path in DOC_PATHS)
+        public = (
+            path in OPEN_PATHS
+            or path.startswith(OPEN_PREFIXES)
+            or (s.docs_public and path in DOC_PATHS)
+        )
         if keys and not public:
             key = _authorised(headers.get(b"authorization", b""), keys)
             if key is None:
@@ -185,6 +236,12 @@ class Guard:
                     {"www-authenticate": "Bearer"},
                 )
                 return await refusal(scope, receive, send)
+            # Whose request this is, for the routes that keep per-caller state (GET /jobs): a
+            # fingerprint, never the key. A fresh dict: the scope's `state` may be shared.
+            scope["state"] = {**(scope.get("state") or {}), KEY_ID_STATE: key_id(key)}
+        if self.drain.draining and (path in OPEN_PATHS or scope.get("method") == "POST"):
+            # Admitted requests run on; new work and probes are told to go elsewhere.
+            return await self._busy(s, None)(scope, receive, send)
         if scope.get("method") != "POST":  # only POST bodies are read by the routes
             return await self.app(scope, receive, send)
         length = headers.get(b"content-length", b"")
@@ -229,11 +286,16 @@ class Guard:
                     del self._per_key[key]
 
     @staticmethod
-    def _busy(s: GuardSettings, what: str) -> JSONResponse:
+    def _busy(s: GuardSettings, what: str | None) -> Refusal:
+        """503: this replica is full (`what` it holds), or draining before a stop (None)."""
+        if what is None:
+            field, message = "service", "this replica is shutting down (draining)"
+        else:
+            field, message = "body", f"this replica is already serving {what}"
         return error_response(
             503,
-            "body",
-            f"this replica is already serving {what}: retry in {s.retry_after_s} s",
+            field,
+            f"{message}: retry in {s.retry_after_s} s",
             "service unavailable",
             {"retry-after": str(s.retry_after_s), "x-should-retry": "true"},
         )

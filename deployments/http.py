@@ -6,8 +6,6 @@ guard, image/* answers and request ids. Routes and the stage chain live in deplo
 import json
 import logging
 import math
-import re
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +19,8 @@ from ray.serve.exceptions import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.guard import Guard, guard_settings
+from deployments.guard import REQUEST_ID, Guard, guard_settings, serve_request_id
+from deployments.metrics import record_rejection
 from hiresfix import __version__
 from hiresfix.openai_api import is_openai_path, openai_error
 from hiresfix.schemas import ErrorResponse, FieldError, ImageResponse, RequestError
@@ -66,6 +65,7 @@ def error_shape_for(
             detail=details or [FieldError(field=field, message=message)],
             request_id=rid,
         ).model_dump()
+    record_rejection(status, field)  # hiresfix_rejected_requests (deployments/metrics.py)
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
@@ -217,7 +217,8 @@ _ERRORS = {
     422: "A field is missing, malformed or outside this deployment's limits: `detail` names it.",
     429: "This API key already runs its maximum of concurrent requests; see Retry-After.",
     500: "A bug: the log holds the detail under `request_id`. Sent with x-should-retry: false.",
-    503: "At capacity, or a stage is restarting: retry after Retry-After seconds.",
+    503: "At capacity, a stage is restarting, or the service is draining before a stop"
+    " (`hiresfix stop`): retry after Retry-After seconds.",
 }
 
 
@@ -260,13 +261,10 @@ def image_answer(body: ImageResponse, data: bytes) -> Response:
     return Response(data, media_type=f"image/{body.output_format}", headers=headers)
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
 def _rid(request: Request) -> str | None:
     """The request's id for an error body; never raises (the error may be about the id itself)."""
     rid = request.headers.get("x-request-id")
-    if rid is not None and _REQUEST_ID.match(rid):
+    if rid is not None and REQUEST_ID.match(rid):
         return rid
     try:
         return request_id(request)
@@ -279,12 +277,7 @@ def request_id(request: Request) -> str:
     for this request (the one in Serve's access log), else a fresh one."""
     rid = request.headers.get("x-request-id")
     if rid is not None:
-        if not _REQUEST_ID.match(rid):
+        if not REQUEST_ID.match(rid):
             raise RequestError("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
         return rid
-    try:
-        from ray.serve.context import _get_serve_request_context  # private, hence guarded
-
-        return _get_serve_request_context().request_id or uuid.uuid4().hex
-    except Exception:  # noqa: BLE001
-        return uuid.uuid4().hex
+    return serve_request_id()

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from hiresfix.openai_api import OpenAISettings, ResultStore
 from hiresfix.progress import ProgressBoard, ProgressSettings
 from hiresfix.schemas import ProgressInfo, RequestError
 
@@ -25,14 +27,29 @@ log = logging.getLogger("hiresfix.progress")
 
 @serve.deployment(name="Progress")
 class Progress:
-    def __init__(self, settings: ProgressSettings):
+    def __init__(self, settings: ProgressSettings, results: OpenAISettings | None = None):
         self.board = ProgressBoard(keep_s=settings.keep_s, max_entries=settings.max_entries)
+        # The files behind OpenAI `response_format: url` links (hiresfix/openai_api.py): here,
+        # in the one replica every ingress replica reads, not in any one ingress's memory.
+        self.results = ResultStore(results or OpenAISettings())
 
-    def begin(self, request_id: str, plan: dict[str, int]) -> bool:
-        return self.board.begin(request_id, plan)
+    def put_results(self, files: list[tuple[bytes, str]]) -> list[str] | None:
+        return self.results.put(files)
 
-    def report(self, request_id: str, stage: str, steps_done: int) -> None:
-        self.board.report(request_id, stage, steps_done)
+    def get_result(self, result_id: str) -> tuple[bytes, str, float] | None:
+        return self.results.get(result_id)
+
+    def begin(self, request_id: str, plan: dict[str, int], tag: str | None = None) -> bool:
+        return self.board.begin(request_id, plan, tag)
+
+    def report(self, request_id: str, stage: str, steps_done: int) -> str | None:
+        return self.board.report(request_id, stage, steps_done)
+
+    def signal(self, tag: str, kind: str) -> list[str]:
+        return self.board.signal(tag, kind)
+
+    def current(self, tag: str) -> ProgressInfo | None:
+        return self.board.current(tag)
 
     def end(self, request_id: str, state: str, detail: str | None = None) -> None:
         self.board.end(request_id, state, detail)
@@ -49,15 +66,19 @@ class Tracker:
         self._skip_until = 0.0
 
     @contextlib.asynccontextmanager
-    async def track(self, request_id: str, plan: dict[str, int]) -> AsyncIterator[None]:
+    async def track(
+        self, request_id: str, plan: dict[str, int], tag: str | None = None
+    ) -> AsyncIterator[None]:
         """Open the entry (409 when a running request holds the id) and close it with the outcome.
-        A board that does not answer is skipped for skip_s: losing it costs requests nothing."""
+        A board that does not answer is skipped for skip_s: losing it costs requests nothing.
+        `tag` groups a caller's requests (A1111's progress and interrupt)."""
         if time.monotonic() < self._skip_until:
             yield
             return
         try:
             fresh = await asyncio.wait_for(
-                self.handle.begin.remote(request_id, plan), timeout=self.settings.begin_timeout_s
+                self.handle.begin.remote(request_id, plan, tag),
+                timeout=self.settings.begin_timeout_s,
             )
         except Exception:  # noqa: BLE001 - no progress bar is no reason to refuse the work
             log.warning(
@@ -110,6 +131,23 @@ class Tracker:
             )
         return info
 
+    async def current(self, tag: str) -> ProgressInfo | None:
+        """A1111's progress: the caller's latest running request (None when idle)."""
+        return await self._ask(self.handle.current.remote(tag), "progress")
+
+    async def signal(self, tag: str, kind: str) -> list[str]:
+        """A1111's interrupt / skip of the caller's running requests: the ids flagged."""
+        return await self._ask(self.handle.signal.remote(tag, kind), kind)
+
+    async def _ask(self, response, what: str):
+        try:
+            return await asyncio.wait_for(response, timeout=self.settings.read_timeout_s)
+        except Exception:  # noqa: BLE001
+            log.warning("progress board did not answer a %s call", what, exc_info=True)
+            raise RequestError(
+                "body", f"{what} is unavailable right now: try again shortly", 503
+            ) from None
+
     def _end(self, request_id: str, state: str, detail: str | None = None) -> None:
         try:
             self.handle.end.remote(request_id, state, detail)  # fire and forget
@@ -122,24 +160,48 @@ class Reporter:
 
     def __init__(self, handle: DeploymentHandle | None, min_interval_s: float):
         self.handle, self.min_interval_s = handle, min_interval_s
+        # Signals (A1111 interrupt / skip) the board answered to our reports, per request id;
+        # bounded: an entry of a request that ended is simply pushed out.
+        self.signals: OrderedDict[str, str] = OrderedDict()
+        self._listening: set[asyncio.Task] = set()
 
     def mark(self, request_id: str | None, stage: str, steps_done: int = 0) -> None:
         """Call on the replica's event loop."""
         if self.handle is None or request_id is None:
             return
         try:
-            self.handle.report.remote(request_id, stage, steps_done)  # not awaited: fire and forget
+            response = self.handle.report.remote(request_id, stage, steps_done)
         except Exception:  # noqa: BLE001 - progress must never fail a request
             log.debug("progress report failed", exc_info=True)
+            return
+        # Not awaited by the stage: its answer (a signal, usually none) is read in the background.
+        task = asyncio.ensure_future(self._listen(response, request_id))
+        self._listening.add(task)
+        task.add_done_callback(self._listening.discard)
 
-    def stepper(self, request_id: str | None, stage: str) -> Callable[[int], None]:
-        """A per-step callback for a worker thread: hops to the event loop, throttled."""
+    async def _listen(self, response, request_id: str) -> None:
+        try:
+            signal = await asyncio.wait_for(response, timeout=5.0)
+        except Exception:  # noqa: BLE001 - a lost answer only delays an interrupt
+            return
+        if signal:
+            self.signals[request_id] = signal
+            while len(self.signals) > 1000:
+                self.signals.popitem(last=False)
+
+    def stepper(self, request_id: str | None, stage: str) -> Callable[[int], bool]:
+        """A per-step callback for a worker thread: hops to the event loop, throttled. Answers
+        True once an interrupt or skip reached this replica: the pass stops early."""
         loop, last = asyncio.get_running_loop(), [0.0]
 
-        def on_step(steps_done: int) -> None:
+        def on_step(steps_done: int) -> bool:
             now = time.monotonic()
             if now - last[0] >= self.min_interval_s:
                 last[0] = now
                 loop.call_soon_threadsafe(self.mark, request_id, stage, steps_done)
+            signal = self.signals.get(request_id) if request_id is not None else None
+            if signal == "skip":  # handed over once: it stops this pass only
+                self.signals.pop(request_id, None)
+            return signal is not None
 
         return on_step

@@ -9,6 +9,7 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics
 from deployments.cancel import run_cancellable
 from deployments.progress import Reporter
 from hiresfix.face import FaceRestorer, FaceSettings
@@ -24,9 +25,14 @@ class RefineFace:
     ):
         self.settings = SDXLSettings.model_validate(sdxl)
         self.progress = Reporter(progress, report_interval_s)
-        self.pipe = load_refine_pipeline(self.settings)
+        metrics.use_serve_logging()
+        s = self.settings
+        with metrics.timed_load("refine", s.refiner_path or s.path or s.source):
+            self.pipe = load_refine_pipeline(self.settings)
         self.stage = RefineStage(self.pipe)
-        self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
+        with metrics.timed_load("face", "all"):  # every configured face model
+            self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
+        metrics.record_model_infos("face", self.faces.models_info())
 
     async def finish(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
         return await run_cancellable(
@@ -58,6 +64,7 @@ class RefineFace:
         return batch
 
     def info(self) -> dict:
+        metrics.record_gpu_memory("refine")  # /health asks every model_info_ttl_s: a fresh value
         return {
             "device": str(self.pipe.device),
             "face_available": self.faces.available(),

@@ -12,6 +12,7 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics
 from deployments.progress import Reporter
 from hiresfix.stages import ImageBatch
 from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
@@ -21,7 +22,10 @@ from hiresfix.upscale import UpscaleJob, UpscalerBank, UpscalerSettings
 class Upscaler:
     def __init__(self, *, settings: dict, progress: DeploymentHandle, report_interval_s: float):
         self.progress = Reporter(progress, report_interval_s)
-        self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
+        metrics.use_serve_logging()
+        with metrics.timed_load("upscale", "all"):  # the bank loads every configured model
+            self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
+        metrics.record_model_infos("upscale", self.bank.models_info())
 
     def reconfigure(self, config: dict) -> None:
         # user_config in YAML: batching knobs can change without restarting replicas.
@@ -35,7 +39,13 @@ class Upscaler:
         t0 = time.perf_counter()
         self.progress.mark(batch.request_id, "upscale")
         jobs = [UpscaleJob(pic, tuple(size), model, use_neural) for pic in batch.pictures]
-        batch.record_upscale(await self._run(jobs))
+        if any(self.bank.needs_model(j) for j in jobs):
+            outcomes = await self._run(jobs)
+        else:  # LANCZOS or nothing: no forward pass to share, so no batch window to wait out
+            outcomes = await asyncio.to_thread(self.bank.upscale_jobs, jobs)
+        batch.record_upscale(outcomes)
+        metrics.record_upscaled(outcomes)
+        metrics.record_gpu_memory("upscale")
         batch.add_time("upscale", time.perf_counter() - t0)
         return batch
 
@@ -43,7 +53,9 @@ class Upscaler:
     async def _run(self, job_lists: list[list[UpscaleJob]]) -> list[list]:
         flat = [job for jobs in job_lists for job in jobs]
         # The bank blocks (torch); keep the replica's event loop free to accept more requests.
-        outcomes = await asyncio.to_thread(self.bank.upscale_jobs, flat)
+        # Its log lines name the batch's requests (deployments/metrics.py).
+        work = metrics.with_request_ids(metrics.batch_request_ids(), self.bank.upscale_jobs)
+        outcomes = await asyncio.to_thread(work, flat)
         out, i = [], 0
         for jobs in job_lists:
             out.append(outcomes[i : i + len(jobs)])

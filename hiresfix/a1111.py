@@ -9,12 +9,27 @@ that lists the supported ones.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import io
 import json
+import re
+import struct
+import zlib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hiresfix.samplers import SAMPLERS
-from hiresfix.schemas import GenerateRequest, RequestError, UpscaleRequest
+from hiresfix import __version__
+from hiresfix.images import PNG_PARAMETERS  # the PNG text chunk's key, as A1111 names it
+from hiresfix.samplers import BY_NAME, SAMPLERS
+from hiresfix.schemas import (
+    GenerateRequest,
+    Img2ImgRequest,
+    ProgressInfo,
+    RequestError,
+    UpscaleRequest,
+)
 
 # A1111 sampler name (lower case) -> ours, from the one sampler table. A1111 >= 1.9 moved "Karras"
 # into a separate `scheduler` field.
@@ -113,22 +128,7 @@ class Txt2ImgRequest(BaseModel):
             for k, v in extra.items()
             if k not in HARMLESS and _matters(v)
         ]
-        sampler = self.sampler_name or extra.get(
-            "sampler_index"
-        )  # the older name of the same field
-        fields = dict(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seed=None if self.seed < 0 else self.seed,
-            width=self.width,
-            height=self.height,
-            num_inference_steps=self.steps,
-            guidance_scale=self.cfg_scale,
-            scheduler=_sampler("sampler_name", sampler, self.scheduler) or "euler",
-            num_images=self.batch_size * self.n_iter,
-            use_face_restoration=self.restore_faces,
-            refiner_switch_at=self.refiner_switch_at,
-        )
+        fields = dict(**_shared_fields(self, extra), refiner_switch_at=self.refiner_switch_at)
         if self.enable_hr:
             fields.update(
                 hires_fix=True,
@@ -209,6 +209,23 @@ def _matters(value) -> bool:
     if isinstance(value, (str, list, dict, tuple)):
         return len(value) > 0
     return True
+
+
+def _shared_fields(req: Txt2ImgRequest | Img2ImgA1111Request, extra: dict) -> dict:
+    """The fields txt2img and img2img map the same way, in our names."""
+    sampler = req.sampler_name or extra.get("sampler_index")  # the older name of the same field
+    return dict(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        seed=None if req.seed < 0 else req.seed,
+        width=req.width,
+        height=req.height,
+        num_inference_steps=req.steps,
+        guidance_scale=req.cfg_scale,
+        scheduler=_sampler("sampler_name", sampler, req.scheduler) or "euler",
+        num_images=req.batch_size * req.n_iter,
+        use_face_restoration=req.restore_faces,
+    )
 
 
 class Txt2ImgResponse(BaseModel):
@@ -458,3 +475,371 @@ def update_options(sent: dict, source: str | None, face_names: list[str]) -> Opt
             else "not an option hiresfix has; ignored"
         )
     return OptionsUpdate(unchanged=unchanged)
+
+
+# --- img2img ------------------------------------------------------------------------------------
+# A1111's resize_mode numbers -> ours (3, "Just resize (latent upscale)", resizes the pixels here).
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}
+IMG2IMG_FIELD = {
+    **A1111_FIELD,
+    "strength": "denoising_strength",
+    "image": "init_images",
+    "mask_invert": "inpainting_mask_invert",
+}
+
+
+class Img2ImgA1111Request(BaseModel):
+    """The fields of A1111's StableDiffusionImg2ImgProcessingAPI that hiresfix honours (A1111's
+    defaults). A1111's img2img has no hires fix: enable_hr and the hr_* fields are reported in
+    info.ignored like any other field it cannot honour."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    init_images: list[str] | None = Field(
+        None, description="Base64 images; the first is used (one init image per request)."
+    )
+    denoising_strength: float = 0.75
+    resize_mode: int = Field(
+        0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 as 0."
+    )
+    mask: str | None = Field(None, description="Base64 mask: white = inpaint.")
+    mask_blur: int | None = Field(None, description="Overrides mask_blur_x / mask_blur_y.")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_mask_invert: int = Field(0, description="1 = inpaint where the mask is black.")
+    inpaint_full_res: bool = Field(
+        True, description="A1111's 'only masked'; here the whole picture is inpainted."
+    )
+    include_init_images: bool = Field(
+        False, description="Echo init_images and mask back in `parameters`."
+    )
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, description="-1 = random.")
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool = False
+
+    def to_img2img(self, upscalers: list[str]) -> tuple[Img2ImgRequest, list[str]]:
+        """Our request, plus notes on what was not honoured. Raises A1111Error naming the A1111
+        field."""
+        extra = self.model_extra or {}
+        notes = [
+            f"{k}: not supported, ignored"
+            for k, v in extra.items()
+            if k not in HARMLESS and _matters(v)
+        ]
+        if not self.init_images or not self.init_images[0]:
+            raise A1111Error("init_images", "give one base64 image to start from")
+        if len(self.init_images) > 1:
+            notes.append("init_images: only the first image is used")
+        if self.resize_mode not in RESIZE_MODES:
+            raise A1111Error(
+                "resize_mode", "use 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
+            )
+        if self.resize_mode == 3:
+            notes.append("resize_mode: latent upscale is not supported; the pixels were resized")
+        if self.mask and self.inpaint_full_res:
+            notes.append("inpaint_full_res: the whole picture is inpainted at its size")
+        if not self.prompt.strip():
+            raise A1111Error("prompt", "prompt is empty: hiresfix needs some text to draw")
+        blur = (
+            self.mask_blur
+            if self.mask_blur is not None
+            else max(self.mask_blur_x, self.mask_blur_y)
+        )
+        fields = dict(
+            image=self.init_images[0],
+            mask=self.mask or None,
+            mask_blur=blur,
+            mask_invert=bool(self.inpainting_mask_invert),
+            resize_mode=RESIZE_MODES[self.resize_mode],
+            strength=self.denoising_strength,
+            **_shared_fields(self, extra),
+        )
+        if fields["num_images"] > 4:
+            raise A1111Error(
+                "batch_size",
+                f"batch_size x n_iter is {fields['num_images']}; at most 4 per request",
+            )
+        return _build(Img2ImgRequest, fields, IMG2IMG_FIELD), notes
+
+    def parameters(self) -> dict:
+        """The request as A1111 echoes it: without the images unless include_init_images."""
+        skip = {"include_init_images"} | (
+            set() if self.include_init_images else {"init_images", "mask"}
+        )
+        return self.model_dump(exclude=skip)
+
+
+def img2img_info(
+    req: Img2ImgRequest, response: dict, notes: list[str], include_init_images: bool = False
+) -> str:
+    """A1111's `info` for img2img: the keys txt2img's has, at the size delivered."""
+    seeds = response.get("seeds") or []
+    return json.dumps(
+        {
+            "prompt": req.prompt,
+            "negative_prompt": req.negative_prompt,
+            "seed": seeds[0] if seeds else None,
+            "all_seeds": seeds,
+            "width": response.get("width"),
+            "height": response.get("height"),
+            "sampler_name": req.scheduler,
+            "steps": req.num_inference_steps,
+            "cfg_scale": req.guidance_scale,
+            "denoising_strength": req.strength,
+            "upscaler_used": response.get("upscaler_used"),
+            "fallback_reason": response.get("fallback_reason"),
+            "fallback_detail": response.get("fallback_detail"),
+            "face_restoration": response.get("face_restoration"),
+            "timings": response.get("timings"),
+            "ignored": notes,
+        }
+    )
+
+
+# --- infotext: the generation parameters A1111 writes into its PNGs (and png-info reads) --------
+
+
+def infotext(
+    req: GenerateRequest | Img2ImgRequest,
+    seed: int | None,
+    width: int,
+    height: int,
+    upscaler: str | None = None,
+) -> str:
+    """A1111's three-part text: prompt, 'Negative prompt: ...', then 'Key: value, ...'. `width` x
+    `height` is the first pass's size, as A1111 writes `Size`."""
+    sampler = BY_NAME[req.scheduler]
+    pairs = {
+        "Steps": req.num_inference_steps,
+        "Sampler": sampler.a1111,
+        "Schedule type": "Karras" if sampler.options.get("use_karras_sigmas") else "Automatic",
+        "CFG scale": _num(req.guidance_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+    }
+    if isinstance(req, Img2ImgRequest):
+        pairs["Denoising strength"] = _num(req.strength)
+        if req.mask is not None:
+            pairs["Mask blur"] = req.mask_blur
+    if req.hires_fix:
+        if not isinstance(req, Img2ImgRequest):
+            pairs["Denoising strength"] = _num(req.denoising_strength)
+        if req.hires_width or req.hires_height:
+            pairs["Hires resize"] = f"{req.hires_width}x{req.hires_height}"
+        else:
+            pairs["Hires upscale"] = _num(req.hires_scale)
+        if req.hires_steps:
+            pairs["Hires steps"] = req.hires_steps
+        pairs["Hires upscaler"] = upscaler or req.upscaler or "default"
+    if isinstance(req, GenerateRequest) and req.refiner_switch_at is not None:
+        pairs["Refiner switch at"] = _num(req.refiner_switch_at)
+    if req.use_face_restoration:
+        pairs["Face restoration"] = req.face_model or "default"
+    pairs["Version"] = f"hiresfix {__version__}"
+    lines = [req.prompt]
+    if req.negative_prompt:
+        lines.append(f"Negative prompt: {req.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v is not None))
+    return "\n".join(lines)
+
+
+def _num(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else v
+
+
+def _quote(v) -> str:
+    s = str(v)
+    return json.dumps(s) if any(c in s for c in ',:"\n') else s
+
+
+_PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_infotext(text: str) -> dict:
+    """The `parameters` dict A1111's png-info answers: Prompt, Negative prompt, and each 'Key:
+    value' of the last line as a string (WxH values split into Key-1 and Key-2)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    pairs = _PAIR.findall(last)
+    if len(pairs) < 3:  # not a parameters line: the whole text is the prompt
+        pairs, body = [], lines
+    else:
+        body = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in pairs:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        size = _SIZE.match(value)
+        if size:
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            out[key] = value
+    return out
+
+
+def tag_pictures(batch, req: GenerateRequest | Img2ImgRequest, width: int, height: int) -> None:
+    """Each picture carries its own infotext (its seed): PNG answers embed it (hiresfix/images.py),
+    so png-info and A1111 tools read the parameters back from the file."""
+    for i, pic in enumerate(batch.pictures):
+        seed = batch.seeds[i] if i < len(batch.seeds) else None
+        pic.info[PNG_PARAMETERS] = infotext(req, seed, width, height, batch.upscaler_used)
+
+
+class PNGInfoRequest(BaseModel):
+    image: str = Field("", description="Base64 PNG (or JPEG/WebP); a data: URL is accepted.")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field("", description="The generation parameters text ('' when none).")
+    items: dict = Field(default_factory=dict, description="The file's other text fields.")
+    parameters: dict = Field(default_factory=dict, description="`info` parsed, A1111's keys.")
+
+
+def png_info(image_b64: str, max_bytes: int) -> PNGInfoResponse:
+    """Read the text a file carries without decoding its pixels. A blank image is an empty answer,
+    as A1111 gives; a non-image is a 400 naming `image`."""
+    if not image_b64.strip():
+        return PNGInfoResponse()
+    data = image_b64.strip()
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    if len(data) > max_bytes * 4 // 3 + 4096:
+        raise A1111Error("image", f"image is larger than {max_bytes} bytes", 413)
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise A1111Error("image", "image is not valid base64", 400) from None
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        texts = _png_texts(raw)
+    else:
+        texts = _exif_texts(raw)
+    info = texts.pop(PNG_PARAMETERS, "")
+    return PNGInfoResponse(info=info, items=texts, parameters=parse_infotext(info) if info else {})
+
+
+def _png_texts(raw: bytes) -> dict[str, str]:
+    """tEXt, zTXt and iTXt chunks, wherever they are in the file."""
+    out, pos = {}, 8
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        body = raw[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        try:
+            if kind == b"tEXt":
+                key, _, value = body.partition(b"\0")
+                out[key.decode("latin-1")] = value.decode("latin-1")
+            elif kind == b"zTXt":
+                key, _, value = body.partition(b"\0")
+                out[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+            elif kind == b"iTXt":
+                key, _, rest = body.partition(b"\0")
+                compressed, rest = rest[0], rest[2:]
+                _lang, _, rest = rest.partition(b"\0")
+                _tkey, _, value = rest.partition(b"\0")
+                value = zlib.decompress(value) if compressed else value
+                out[key.decode("latin-1")] = value.decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError):
+            continue  # one broken chunk does not hide the others
+        if kind == b"IEND":
+            break
+    return out
+
+
+def _exif_texts(raw: bytes) -> dict[str, str]:
+    """JPEG/WebP: A1111 keeps the parameters in EXIF UserComment."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            comment = im.getexif().get_ifd(0x8769).get(0x9286)
+    except Exception:  # PIL raises many types for junk; the client needs no exception names
+        raise A1111Error("image", "image could not be read: send PNG, JPEG or WebP", 400) from None
+    if isinstance(comment, bytes):
+        head, body = comment[:8], comment[8:]
+        comment = (
+            body.decode("utf-16-be" if head.startswith(b"UNICODE") else "latin-1", "replace")
+            if head.rstrip(b"\0") in (b"UNICODE", b"ASCII")
+            else comment.decode("utf-8", "replace")
+        )
+    return {PNG_PARAMETERS: comment.strip("\0")} if comment else {}
+
+
+# --- /sdapi/v1/progress, interrupt, skip ----------------------------------------------------------
+class ProgressResponse(BaseModel):
+    """A1111's answer: the job of this caller that runs now (the latest it started)."""
+
+    progress: float = Field(..., description="0 to 1.")
+    eta_relative: float = Field(..., description="Seconds left (0 when idle).")
+    state: dict = Field(..., description="A1111's shared.state snapshot keys.")
+    current_image: str | None = Field(
+        None, description="Base64 preview; null: hiresfix keeps no previews of a running job."
+    )
+    textinfo: str | None = None
+
+
+def progress_response(info: ProgressInfo | None) -> ProgressResponse:
+    """Our progress board entry in A1111's shape (idle: job_count 0, progress 0)."""
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if info is None or info.state != "running":
+        return ProgressResponse(progress=0, eta_relative=0, state=state, textinfo=None)
+    stage = info.stage or "queued"
+    state.update(
+        job=info.request_id,
+        job_count=1,
+        sampling_step=info.step,
+        sampling_steps=info.stage_steps,
+        interrupted=info.signal == "interrupt",
+        skipped=info.signal == "skip",
+    )
+    text = f"{stage} {info.step}/{info.stage_steps}" if info.stage else "waiting for a replica"
+    return ProgressResponse(
+        progress=info.progress,
+        eta_relative=info.eta_s or 0.0,
+        state=state,
+        textinfo=text,
+    )
+
+
+def caller_tag(authorization: str | None) -> str:
+    """Whose A1111 jobs /progress, /interrupt and /skip see: the API key's (a hash, never the key)
+    when keys are on; everyone's A1111 jobs otherwise, as on one A1111 server."""
+    if not authorization:
+        return "a1111"
+    return "a1111:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
+
+
+class SignalResponse(BaseModel):
+    """A1111 answers {} (interrupt) or null (skip); hiresfix says which jobs it reached."""
+
+    requests: list[str] = Field(
+        default_factory=list, description="Request ids told to stop early (empty when idle)."
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from hiresfix.apidoc import ordered_fields
-from hiresfix.schemas import GenerateRequest, UpscaleRequest
+from hiresfix.schemas import GenerateRequest, Img2ImgRequest, UpscaleRequest
 
 DEFAULT_URL = "http://127.0.0.1:7860"
 
@@ -72,8 +73,9 @@ def _post(url: str, path: str, payload: dict, timeout: float, quiet: bool) -> di
     import httpx
 
     base = url.rstrip("/")
-    # /generate is followed at GET /progress/{id}: the id must be ours, known before the answer.
-    rid = f"cli-{uuid.uuid4().hex[:16]}" if path == "/generate" else None
+    # /generate and /img2img are followed at GET /progress/{id}: the id must be ours, known before
+    # the answer.
+    rid = f"cli-{uuid.uuid4().hex[:16]}" if path in ("/generate", "/img2img") else None
     done = threading.Event()
 
     def spin() -> None:
@@ -163,6 +165,15 @@ def cmd_upscale(ns: argparse.Namespace) -> None:
     _write_images(_post(ns.url, "/upscale", payload, ns.timeout, ns.json), Path(ns.out), ns.json)
 
 
+def cmd_img2img(ns: argparse.Namespace) -> None:
+    payload = _payload(ns, Img2ImgRequest)
+    payload["image"] = base64.b64encode(Path(ns.input).read_bytes()).decode()
+    if ns.mask:
+        payload["mask"] = base64.b64encode(Path(ns.mask).read_bytes()).decode()
+    Img2ImgRequest.model_validate(payload)
+    _write_images(_post(ns.url, "/img2img", payload, ns.timeout, ns.json), Path(ns.out), ns.json)
+
+
 def cmd_weights(ns: argparse.Namespace) -> None:
     from hiresfix.upscale.download import DownloadError, download_weights, known_weights
     from hiresfix.weights import sha256_file
@@ -248,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schema_flags(u, UpscaleRequest, skip={"image"})
     u.set_defaults(func=cmd_upscale)
 
+    i = sub.add_parser(
+        "img2img", help="redraw (or, with --mask, inpaint) an image file through POST /img2img"
+    )
+    client(i)
+    i.add_argument("input", help="PNG/JPEG/WebP file")
+    i.add_argument("prompt", help="what to draw")
+    i.add_argument("--mask", help="mask image file: white = repaint, black = keep")
+    i.add_argument("-o", "--out", default="out/img2img.png")
+    i.add_argument("--json", action="store_true")
+    _add_schema_flags(i, Img2ImgRequest, skip={"image", "prompt", "mask"})
+    i.set_defaults(func=cmd_img2img)
+
     w = sub.add_parser("weights", help="download official upscaler weights (checksummed)")
     w.add_argument("names", nargs="*", help="model names (default: all known)")
     w.add_argument(
@@ -273,7 +296,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--out", default="out/compare.png")
     c.set_defaults(func=cmd_compare)
+
+    for name, help_ in (
+        (
+            "stop",
+            "drain every ingress (running requests finish, new ones get 503), then shut Serve down",
+        ),
+        ("drain", "drain every ingress and wait, without stopping (`--undo` opens it again)"),
+    ):
+        d = sub.add_parser(name, help=help_)
+        d.add_argument(
+            "--address",
+            default=os.environ.get("RAY_ADDRESS", "auto"),
+            help="Ray cluster (GCS address; default $RAY_ADDRESS or auto: this machine's)",
+        )
+        d.add_argument(
+            "--timeout", type=float, default=300.0, help="seconds to wait for running requests"
+        )
+        if name == "drain":
+            d.add_argument("--undo", action="store_true", help="end a drain: admit requests again")
+        d.set_defaults(func=cmd_stop)
     return p
+
+
+def cmd_stop(ns: argparse.Namespace) -> None:
+    """`serve shutdown` cuts running requests; this drains first (deployments/drain.py)."""
+    import ray
+
+    from deployments import drain
+
+    ray.init(address=ns.address, log_to_driver=False, logging_level="ERROR")
+    say = functools.partial(print, flush=True)
+    if ns.cmd == "stop":
+        result = drain.stop(ns.timeout, say=say)
+    elif ns.undo:
+        drain.undrain()
+        return say("drain ended: every ingress admits requests again")
+    else:
+        result = drain.drain(ns.timeout, say=say)
+        say(result.summary())
+    if result.timed_out:
+        raise SystemExit(3)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,7 +85,11 @@ class Picture:
 
 
 def _to_u8(a: np.ndarray) -> np.ndarray:
-    return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    # clip(a, 0, 1) * 255 + 0.5, with one temporary instead of three (same bits: in [0, 1] the same
+    # float ops, outside it the same 0.5 / 255.5): at 1536 px the PNG answer waits on this.
+    t = a * 255.0
+    t += 0.5
+    return np.clip(t, 0.5, 255.5, out=t).astype(np.uint8)
 
 
 def _to_u16(a: np.ndarray) -> np.ndarray:
@@ -116,8 +120,10 @@ def _from_pil(im: Image.Image, source_bits: int | None = None) -> Picture:
         grayscale = mode in ("L", "LA", "La", "1")
         # Palette and colour-key (tRNS) transparency become a real alpha channel.
         has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-        rgba = im.convert("RGBA" if has_alpha else "RGB")
-        a = np.asarray(rgba, dtype=np.float32) / 255.0
+        want = "RGBA" if has_alpha else "RGB"
+        rgba = im if mode == want else im.convert(want)  # convert() copies even to its own mode
+        u8 = np.asarray(rgba)
+        a = np.divide(u8, np.float32(255.0), dtype=np.float32)  # = float32(u8) / 255, one array
         pic = Picture(
             np.ascontiguousarray(a[..., :3]),
             np.ascontiguousarray(a[..., 3]) if has_alpha else None,
@@ -184,9 +190,8 @@ def decode_image(
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(raw)) as im:
                     im.load()
-                    im = ImageOps.exif_transpose(
-                        im
-                    )  # phone photos: apply orientation, then forget it
+                    # Phone photos: apply the orientation, then forget it (in place: no copy).
+                    ImageOps.exif_transpose(im, in_place=True)
                     pic = _from_pil(im, png_bits)
     except ImageInputError:
         raise
@@ -281,25 +286,50 @@ def _orient(pic: Picture, orientation: int) -> Picture:
 def _b64decode(s: str) -> bytes:
     if s.startswith("data:"):
         s = s.split(",", 1)[-1]
-    # Many encoders wrap base64 at 76 columns; the line breaks are not part of the data.
-    s = "".join(s.split())
     try:
         return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    # Many encoders wrap base64 at 76 columns; the line breaks are not part of the data.
+    try:
+        return base64.b64decode("".join(s.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageInputError(
             "image is not valid base64: send the file bytes base64-encoded"
         ) from exc
 
 
-def encode_image(pic: Picture, fmt: str = "png", quality: int = 95) -> bytes:
+# PNG is lossless at every level; the level only trades encode time for file size. Measured on
+# 1536 px photos (bench/png_encode.py, bench/results/README.md): Pillow's default (zlib 6, default
+# strategy) costs ~0.8 s; level 1 here (zlib 1 with the run-length strategy Z_RLE) ~0.2x of that
+# for files 0-1% larger on photos (8% on flat graphics); 9 (zlib 9) the smallest files at ~5x.
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_zlib(level: int) -> tuple[int, int]:
+    """(zlib level, zlib strategy) for our PNG compress level 0-9: 1 is the fast run-length mode,
+    every other level is zlib's own with its default strategy (0 = stored)."""
+    if not 0 <= level <= 9:
+        raise ValueError(f"PNG compress level must be 0-9, got {level}")
+    return (1, zlib.Z_RLE) if level == 1 else (level, zlib.Z_DEFAULT_STRATEGY)
+
+
+def encode_image(
+    pic: Picture, fmt: str = "png", quality: int = 95, *, png_level: int = PNG_COMPRESS_LEVEL
+) -> bytes:
     """Picture -> file bytes. PNG keeps 16 bits, grayscale and alpha; JPEG drops alpha (on white).
 
     The ICC profile the source carried is embedded again, so wide-gamut photos keep their colours.
+    `png_level`: PNG compression 0-9 (see PNG_COMPRESS_LEVEL); lossless at every level.
     """
     fmt = fmt.lower()
+    if fmt == "png" and PNG_PARAMETERS in pic.info:  # see "A1111 parameters" at the end
+        plain = replace(pic, info={k: v for k, v in pic.info.items() if k != PNG_PARAMETERS})
+        data = encode_image(plain, fmt, quality, png_level=png_level)
+        return png_with_text(data, PNG_PARAMETERS, pic.info[PNG_PARAMETERS])
     icc = pic.info.get("icc_profile")
     if fmt == "png" and pic.bit_depth == 16:
-        return _encode_png_16(pic, icc)
+        return _encode_png_16(pic, icc, png_level)
     im = pic.to_pil()
     if pic.grayscale:
         im = im.convert("LA" if pic.alpha is not None else "L")
@@ -314,15 +344,20 @@ def encode_image(pic: Picture, fmt: str = "png", quality: int = 95) -> bytes:
     elif fmt == "webp":
         im.save(out, "WEBP", quality=quality, **extra)
     else:
-        im.save(out, "PNG", **extra)
+        level, strategy = png_zlib(png_level)
+        # Pillow's -1 is its own default (zlib's strategy with its adaptive row filters): level 6
+        # is then byte for byte what Pillow writes by default.
+        kind = -1 if strategy == zlib.Z_DEFAULT_STRATEGY else strategy
+        im.save(out, "PNG", compress_level=level, compress_type=kind, **extra)
     return out.getvalue()
 
 
-def _encode_png_16(pic: Picture, icc: bytes | None) -> bytes:
+def _encode_png_16(pic: Picture, icc: bytes | None, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    level, strategy = png_zlib(png_level)
     if pic.grayscale and pic.alpha is not None:
         # OpenCV cannot write grey+alpha; the format is simple enough to write directly.
         la = np.dstack([_to_u16(pic.rgb.mean(axis=2)), _to_u16(pic.alpha)]).astype(">u2")
-        data = _png_raw(pic.width, pic.height, 4, la)
+        data = _png_raw(pic.width, pic.height, 4, la, level, strategy)
     else:
         import cv2
 
@@ -332,7 +367,8 @@ def _encode_png_16(pic: Picture, icc: bytes | None) -> bytes:
             arr = _to_u16(pic.rgb[..., ::-1])  # RGB -> BGR
             if pic.alpha is not None:
                 arr = np.dstack([arr, _to_u16(pic.alpha)])
-        ok, buf = cv2.imencode(".png", arr)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, level, cv2.IMWRITE_PNG_STRATEGY, strategy]
+        ok, buf = cv2.imencode(".png", arr, params)
         if not ok:
             raise RuntimeError("PNG encode failed")
         data = buf.tobytes()
@@ -348,7 +384,14 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     )
 
 
-def _png_raw(width: int, height: int, color_type: int, pixels_be: np.ndarray) -> bytes:
+def _png_raw(
+    width: int,
+    height: int,
+    color_type: int,
+    pixels_be: np.ndarray,
+    level: int = 6,
+    strategy: int = zlib.Z_DEFAULT_STRATEGY,
+) -> bytes:
     """A 16-bit PNG from big-endian samples (rows unfiltered; zlib does the work)."""
     rows = pixels_be.reshape(height, -1).tobytes()
     stride = len(rows) // height
@@ -357,9 +400,14 @@ def _png_raw(width: int, height: int, color_type: int, pixels_be: np.ndarray) ->
     return (
         _PNG_SIGNATURE
         + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(scan, 6))
+        + _png_chunk(b"IDAT", _deflate(scan, level, strategy))
         + _png_chunk(b"IEND", b"")
     )
+
+
+def _deflate(data: bytes, level: int, strategy: int) -> bytes:
+    z = zlib.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
+    return z.compress(data) + z.flush()
 
 
 def _png_insert_icc(data: bytes, icc: bytes) -> bytes:
@@ -369,5 +417,23 @@ def _png_insert_icc(data: bytes, icc: bytes) -> bytes:
     return data[:ihdr_end] + _png_chunk(b"iCCP", body) + data[ihdr_end:]
 
 
-def encode_b64(pic: Picture, fmt: str = "png") -> str:
-    return base64.b64encode(encode_image(pic, fmt)).decode("ascii")
+def encode_b64(pic: Picture, fmt: str = "png", *, png_level: int = PNG_COMPRESS_LEVEL) -> str:
+    return base64.b64encode(encode_image(pic, fmt, png_level=png_level)).decode("ascii")
+
+
+# --- A1111 parameters ---------------------------------------------------------------------------
+# A picture whose info holds PNG_PARAMETERS (the routes set A1111's generation text there,
+# hiresfix/a1111.py) gets it as a PNG text chunk: A1111's png-info and tools read it back.
+PNG_PARAMETERS = "parameters"
+
+
+def png_with_text(data: bytes, key: str, text: str) -> bytes:
+    """A PNG with a text chunk added right after IHDR (readers find it without decoding pixels):
+    tEXt when the text is Latin-1, else uncompressed UTF-8 iTXt."""
+    try:
+        chunk = _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        body = key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+        chunk = _png_chunk(b"iTXt", body)
+    ihdr_end = 8 + 8 + 13 + 4
+    return data[:ihdr_end] + chunk + data[ihdr_end:]

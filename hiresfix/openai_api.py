@@ -25,22 +25,33 @@ The quality presets (`quality`; any of them can be overridden by the hiresfix fi
 hiresfix's own fields (`seed`, `num_inference_steps`, `hires_fix`, `upscaler`,
 `use_face_restoration`, ...) are accepted beside OpenAI's, named as in /generate (the SDK sends
 them with `extra_body=`); `width`, `height`, `hires_width`, `hires_height` and `num_images` are
-spelled `size` and `n` here. `response_format: url`, `background: transparent`, `stream: true` and
-gif/svg output are refused with a 400 saying so; `output_compression`, `style`, `moderation`,
-`user` and `safety_identifier` are accepted and ignored (JPEG and WebP are encoded at quality 95).
+spelled `size` and `n` here. `background: transparent`, `stream: true` and gif/svg output are
+refused with a 400 saying so; `output_compression`, `style`, `moderation`, `user` and
+`safety_identifier` are accepted and ignored (JPEG and WebP are encoded at quality 95).
+
+`response_format: url` answers links to a bounded, expiring result store (ResultStore below, held
+by the Progress deployment's one replica, so every ingress replica serves every link):
+`GET /v1/images/results/{id}` answers the file until `openai.results_ttl_s` has passed, then a 404.
+
+`POST /v1/images/edits` and `/v1/images/variations` (multipart, as the SDK sends them) are our
+/img2img: see EditRequest and VariationRequest.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from hiresfix.schemas import GenerateRequest, ImageResponse, RequestError
+from hiresfix.images import Picture
+from hiresfix.schemas import GenerateRequest, ImageResponse, Img2ImgRequest, RequestError
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -59,7 +70,7 @@ _KINDS: dict[int, tuple[str, str | None]] = {
     503: ("server_error", "service_unavailable"),
 }
 # Our error "fields" that are not request parameters: OpenAI's `param` is null for them.
-_NOT_PARAMS = {"body", "path", "method", "authorization", "x-request-id"}
+_NOT_PARAMS = {"body", "path", "method", "authorization", "x-request-id", "service"}
 # Our field -> the parameter an OpenAI client sent (errors from GenerateRequest name it).
 OPENAI_PARAM = {
     "width": "size",
@@ -70,8 +81,9 @@ OPENAI_PARAM = {
 }
 # What each status means on /v1/*, for the OpenAPI document.
 OPENAI_ERRORS: dict[int | str, str] = {
-    400: "A parameter is missing, malformed, unsupported (`response_format: url`, `stream`,"
-    " transparent backgrounds) or outside this deployment's limits: `param` names it.",
+    400: "A parameter is missing, malformed, unsupported (`stream`, transparent backgrounds) or"
+    " outside this deployment's limits, or an image or mask is not a readable picture: `param`"
+    " names it.",
     401: "API keys are on and no valid `Authorization: Bearer` key was sent.",
     404: "Unknown `model` (GET /v1/models lists them), or no such route.",
     408: "The request body did not arrive whole in time.",
@@ -131,11 +143,12 @@ def openai_error(
     return status, OpenAIErrorResponse(error=body).model_dump()
 
 
-def openai_error_docs(*codes: int) -> dict:
+def openai_error_docs(*codes: int, notes: dict[int, str] | None = None) -> dict:
     """`responses=` for a /v1 route: its error statuses, all in OpenAIErrorResponse. "4XX" stands
     for any other client error (a wrong method's 405), and keeps FastAPI from listing a 422: a
-    field error is a 400 here."""
-    docs = {c: {"model": OpenAIErrorResponse, "description": OPENAI_ERRORS[c]} for c in codes}
+    field error is a 400 here. `notes`: a route's own description of a status."""
+    text = {**OPENAI_ERRORS, **(notes or {})}
+    docs = {c: {"model": OpenAIErrorResponse, "description": text[c]} for c in codes}
     return {**docs, "4XX": {"model": OpenAIErrorResponse, "description": OPENAI_ERRORS["4XX"]}}
 
 
@@ -271,7 +284,9 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
         " rule in the README.",
     )
     quality: QualityName | None = Field(None, description="Steps and hires-fix preset.")
-    response_format: str | None = Field(None, description="b64_json only.")
+    response_format: str | None = Field(
+        None, description="b64_json (default) or url (a link that expires: openai.results_ttl_s)."
+    )
     output_format: str | None = Field(None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(None, description="Accepted, ignored.")
     background: str | None = Field(None, description="opaque or auto; transparent is refused.")
@@ -314,14 +329,15 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
             raise OpenAIError(
                 OPENAI_PARAM.get(ours, ours), err["msg"].removeprefix("Value error, ")
             ) from None
-        return Mapped(req, (width, height), preset.name)
+        return Mapped(req, (width, height), preset.name, self.response_format == "url")
 
 
 @dataclass(frozen=True)
 class Mapped:
-    request: GenerateRequest
-    size: tuple[int, int]
+    request: GenerateRequest | Img2ImgRequest
+    size: tuple[int, int]  # (0, 0): the input image's own size (edits and variations)
     quality: str
+    url: bool = False  # response_format url: links to the result store, not base64
 
 
 def _refuse_unsupported(body: ImageGenerationRequest) -> None:
@@ -335,13 +351,7 @@ def _refuse_unsupported(body: ImageGenerationRequest) -> None:
             "unknown parameter: OpenAI's image parameters and /generate's field names are accepted",
             code="unknown_parameter",
         )
-    if body.response_format not in (None, "b64_json"):
-        raise OpenAIError(
-            "response_format",
-            f"{body.response_format!r} is not served: only b64_json (the image in the answer);"
-            " this service keeps no image store to link to",
-            code="unsupported_value",
-        )
+    _check_answer_fields(body)
     if body.stream:
         raise OpenAIError(
             "stream",
@@ -354,13 +364,27 @@ def _refuse_unsupported(body: ImageGenerationRequest) -> None:
             f"{body.background!r} is not supported: SDXL draws opaque pictures; use opaque or auto",
             code="unsupported_value",
         )
-    if body.output_format not in (None, "png", "jpeg", "webp"):
+
+
+def _check_answer_fields(body: BaseModel) -> None:
+    """response_format, output_format and output_compression, where the body has them."""
+    fmt = getattr(body, "response_format", None)
+    if fmt not in (None, "b64_json", "url"):
         raise OpenAIError(
-            "output_format",
-            f"{body.output_format!r} is not served: use png, jpeg or webp",
+            "response_format",
+            f"{fmt!r} is not served: use b64_json (the image in the answer) or url (a link that"
+            " expires)",
             code="unsupported_value",
         )
-    if body.output_compression is not None and not 0 <= body.output_compression <= 100:
+    out = getattr(body, "output_format", None)
+    if out not in (None, "png", "jpeg", "webp"):
+        raise OpenAIError(
+            "output_format",
+            f"{out!r} is not served: use png, jpeg or webp",
+            code="unsupported_value",
+        )
+    level = getattr(body, "output_compression", None)
+    if level is not None and not 0 <= level <= 100:
         raise OpenAIError("output_compression", "must be between 0 and 100")
 
 
@@ -436,7 +460,10 @@ def _base_size(width: int, height: int, scale: float, max_side: int | None) -> t
 
 
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = Field(None, description="The file, base64 (response_format b64_json).")
+    url: str | None = Field(
+        None, description="A link to the file that expires (response_format url)."
+    )
     revised_prompt: str | None = Field(None, description="Always null: prompts are not revised.")
 
 
@@ -456,12 +483,332 @@ class ImagesResponse(BaseModel):
     )
 
 
-def to_openai(ours: ImageResponse, mapped: Mapped, created: int | None = None) -> ImagesResponse:
+def to_openai(
+    ours: ImageResponse,
+    mapped: Mapped,
+    created: int | None = None,
+    urls: list[str] | None = None,
+) -> ImagesResponse:
+    """`urls`: the links of response_format url, in place of `ours`' base64 images."""
+    data = (
+        [OpenAIImage(url=u) for u in urls]
+        if urls is not None
+        else [OpenAIImage(b64_json=b) for b in ours.images or [ours.image]]
+    )
     return ImagesResponse(
         created=int(time.time()) if created is None else created,
-        data=[OpenAIImage(b64_json=b) for b in ours.images or [ours.image]],
+        data=data,
         output_format=ours.output_format,
         quality=mapped.quality,
         size=f"{ours.width}x{ours.height}",
         hiresfix=ours.model_dump(mode="json", exclude={"image", "images"}),
+    )
+
+
+# --- edits and variations (multipart) ---------------------------------------------------------
+#
+# Both are our /img2img (Img2ImgRequest): the first `image` file is the picture (the SDK sends a
+# list as `image[]`; only the first is used, there is no multi-image composition), `size` is the
+# size delivered (auto or absent: the image's own, rounded down to 8 px), `quality` sets the steps
+# as for generations (no hires fix unless asked for with `hires_fix`), and /img2img's own fields
+# (strength, seed, hires_fix, use_face_restoration, ...) ride along as extra form fields.
+
+# /img2img fields spelled differently here, or sent as files.
+IMG2IMG_RENAMED = {"width": "size", "height": "size", "num_images": "n"}
+_FILES = {"image", "mask"}
+
+# Variations have no prompt: a neutral one, at a strength that keeps the composition and redraws
+# the detail. Both can be overridden (`prompt`, `strength` as extra fields).
+VARIATION_PROMPT = "a detailed, high quality picture"
+VARIATION_STRENGTH = 0.6
+
+
+def _img2img_knobs(name: str, exclude: set[str]) -> type[BaseModel]:
+    """Img2ImgRequest's fields, optional (null = /img2img's default), bounds and descriptions
+    kept, for /docs and validation of the form's strings (pydantic converts "30" and "true")."""
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="allow"),
+        **{
+            n: (_optional(f.annotation, f.metadata), Field(None, description=f.description))
+            for n, f in Img2ImgRequest.model_fields.items()
+            if n not in exclude
+        },
+    )
+
+
+_EditKnobs = _img2img_knobs("EditKnobs", {"prompt", "output_format", *_FILES, *IMG2IMG_RENAMED})
+_VariationKnobs = _img2img_knobs(
+    "VariationKnobs", {"output_format", *_FILES, "mask_blur", "mask_invert", *IMG2IMG_RENAMED}
+)
+
+
+class _ImageForm(BaseModel):
+    """What edits and variations share with generations."""
+
+    model: str | None = Field(
+        None, description="GET /v1/models; OpenAI's image model names mean the served model."
+    )
+    n: int | None = Field(None, description="Images, 1-4 here (seeds seed, seed+1, ...).")
+    size: str | None = Field(
+        None, description="WxH delivered exactly (multiples of 8); auto or absent: the image's."
+    )
+    response_format: str | None = Field(None, description="b64_json (default) or url.")
+    output_format: str | None = Field(None, description="png (default), jpeg or webp.")
+    user: str | None = Field(None, description="Ignored.")
+
+    def _mapped(self, fields: dict[str, Any], knobs: set[str], quality: str = "medium") -> Mapped:
+        extra = self.model_extra or {}
+        for ours, theirs in IMG2IMG_RENAMED.items():
+            if ours in extra:
+                raise OpenAIError(ours, f"use {theirs!r} here (OpenAI's name for it)")
+        if extra:
+            raise OpenAIError(
+                sorted(extra)[0],
+                "unknown parameter: OpenAI's image parameters and /img2img's field names are"
+                " accepted",
+                code="unknown_parameter",
+            )
+        _check_answer_fields(self)
+        width, height = (0, 0) if self.size in (None, "auto") else parse_size(self.size)
+        fields = {
+            **fields,
+            "width": width,
+            "height": height,
+            "num_images": 1 if self.n is None else self.n,
+            "output_format": self.output_format or "png",
+            **{k: v for k, v in self.model_dump(include=knobs).items() if v is not None},
+        }
+        try:
+            req = Img2ImgRequest(**fields)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            ours = str(err["loc"][0]) if err["loc"] else "body"
+            raise OpenAIError(
+                IMG2IMG_RENAMED.get(ours, ours), err["msg"].removeprefix("Value error, ")
+            ) from None
+        return Mapped(req, (width, height), quality, self.response_format == "url")
+
+
+class EditRequest(_ImageForm, _EditKnobs):  # type: ignore[misc,valid-type]  # built above
+    """OpenAI's `images.edit` form (besides the `image` and `mask` files), plus /img2img's
+    fields."""
+
+    prompt: str = Field(..., description="What the edited image shows.")
+    quality: QualityName | None = Field(None, description="Steps preset, as for generations.")
+    output_compression: int | None = Field(None, description="Accepted, ignored.")
+    background: str | None = Field(None, description="opaque or auto; transparent is refused.")
+    input_fidelity: str | None = Field(None, description="Ignored: `strength` says how much.")
+    stream: bool | None = Field(None, description="Streaming is not supported yet.")
+    partial_images: int | None = Field(None, description="Only with stream; ignored.")
+
+    def to_img2img(self, image: str, mask: str | None) -> Mapped:
+        """Our request from the form and the files (base64; the mask already in /img2img's
+        white-means-repaint convention: mask_from_alpha)."""
+        if self.stream:
+            raise OpenAIError(
+                "stream",
+                "streaming is not supported yet: send stream false (or leave it out)",
+                code="unsupported_value",
+            )
+        if self.background not in (None, "auto", "opaque"):
+            raise OpenAIError(
+                "background",
+                f"{self.background!r} is not supported: SDXL draws opaque pictures",
+                code="unsupported_value",
+            )
+        preset = PRESETS[QUALITY[self.quality or "auto"]]
+        fields = {
+            "prompt": self.prompt,
+            "image": image,
+            "mask": mask,
+            "num_inference_steps": preset.steps,
+        }
+        return self._mapped(fields, set(_EditKnobs.model_fields), preset.name)
+
+
+class VariationRequest(_ImageForm, _VariationKnobs):  # type: ignore[misc,valid-type]
+    """OpenAI's `images.create_variation` form (besides the `image` file), plus /img2img's
+    fields: `prompt` (default VARIATION_PROMPT) and `strength` (default VARIATION_STRENGTH)."""
+
+    def to_img2img(self, image: str) -> Mapped:
+        fields = {
+            "prompt": VARIATION_PROMPT,
+            "image": image,
+            "strength": VARIATION_STRENGTH,
+            "num_inference_steps": PRESETS["medium"].steps,
+        }
+        return self._mapped(fields, set(_VariationKnobs.model_fields))
+
+
+def form_fields(form: Any) -> dict[str, str]:
+    """A multipart form's text fields (the last value of each; empty ones, which the SDK sends
+    for None, left out), files excluded. Raises OpenAIError for a file where text belongs."""
+    out: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if key in _FILES or key in ("image[]", "mask[]"):
+            continue
+        if not isinstance(value, str):
+            raise OpenAIError(key, "send this field as text, not as a file")
+        if value != "" or key == "prompt":
+            out[key] = value
+    return out
+
+
+def parse_form(model: type[BaseModel], fields: dict[str, str]) -> Any:
+    """A form's text fields as `model` (EditRequest, VariationRequest); a 400 naming the first
+    field that does not fit."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "body"
+        raise OpenAIError(field, err["msg"]) from None
+
+
+def form_files(form: Any, name: str, required: bool) -> list[Any]:
+    """The files sent as `name` or `name[]` (the SDK's spelling of a list), in order."""
+    files = form.getlist(name) + form.getlist(f"{name}[]")
+    for f in files:
+        if isinstance(f, str):
+            raise OpenAIError(name, f"send {name} as a file part (an image file), not as text")
+    if required and not files:
+        raise OpenAIError(name, f"missing: send the picture as the multipart file part {name!r}")
+    return files
+
+
+def mask_from_alpha(pic: Picture) -> Picture:
+    """OpenAI's mask (fully transparent pixels = the area to edit) as /img2img's (white =
+    repaint, black = keep): 1 - alpha, opaque grey."""
+    if pic.alpha is None:
+        raise OpenAIError(
+            "mask",
+            "the mask has no alpha channel: send a PNG whose transparent pixels mark the area to"
+            " edit (OpenAI's convention)",
+        )
+    grey = (1.0 - pic.alpha.astype(np.float32))[..., None]
+    return Picture(rgb=np.repeat(grey, 3, axis=2))
+
+
+def multipart_schema(model: type[BaseModel], files: dict[str, str]) -> dict:
+    """The OpenAPI requestBody of a multipart route: `model`'s fields as text parts, `files` as
+    binary parts (name -> description)."""
+    schema = model.model_json_schema()
+    props = {n: {"type": "string", "format": "binary", "description": d} for n, d in files.items()}
+    schema["properties"] = {**props, **schema.get("properties", {})}
+    schema["required"] = ["image", *schema.get("required", [])]
+    schema.pop("additionalProperties", None)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": schema}},
+        }
+    }
+
+
+# --- the result store (response_format url) ---------------------------------------------------
+
+
+class OpenAISettings(BaseModel):
+    """serve_config `args.openai`: the links of `response_format: url`."""
+
+    model_config = ConfigDict(extra="forbid")
+    results_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a link answers (OpenAI's last an hour too)."
+    )
+    results_max_images: int = Field(
+        256, ge=1, description="Images kept at most; beyond it the oldest links expire early."
+    )
+    results_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of image files kept at most (in the Progress replica's memory);"
+        " beyond it the oldest links expire early.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="The links' base, e.g. https://images.example.com (behind a proxy); null ="
+        " the scheme, host and route prefix the request came in with.",
+    )
+
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+RESULT_ID = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpg|webp)$")
+
+
+class ResultStore:
+    """Image files behind `url` answers: bounded in count and bytes, each kept ttl_s. Ids are
+    unguessable (192 random bits): the link is the permission, as OpenAI's links are, so
+    GET /v1/images/results/{id} needs no API key (deployments/guard.py)."""
+
+    def __init__(self, settings: OpenAISettings, clock=time.monotonic):
+        self.settings, self.clock = settings, clock
+        self._items: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, files: list[tuple[bytes, str]]) -> list[str] | None:
+        """Keep (data, output_format) files; their ids, or None when together they are more than
+        the store holds at all."""
+        s = self.settings
+        size = sum(len(d) for d, _ in files)
+        if size > s.results_max_bytes or len(files) > s.results_max_images:
+            return None
+        self._expire()
+        while self._items and (
+            self._bytes + size > s.results_max_bytes
+            or len(self._items) + len(files) > s.results_max_images
+        ):
+            self._drop(next(iter(self._items)))
+        ids, until = [], self.clock() + s.results_ttl_s
+        for data, fmt in files:
+            rid = f"{secrets.token_urlsafe(24)}.{_EXT[fmt]}"
+            self._items[rid] = (data, MEDIA_TYPES[fmt], until)
+            self._bytes += len(data)
+            ids.append(rid)
+        return ids
+
+    def get(self, result_id: str) -> tuple[bytes, str, float] | None:
+        """(data, media type, seconds left), or None once expired or pushed out."""
+        self._expire()
+        item = self._items.get(result_id)
+        if item is None:
+            return None
+        data, media, until = item
+        return data, media, until - self.clock()
+
+    def stats(self) -> dict[str, int]:
+        self._expire()
+        return {"images": len(self._items), "bytes": self._bytes}
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._items:  # insertion order is expiry order: one ttl for all
+            first, (_, _, until) = next(iter(self._items.items()))
+            if until > now:
+                break
+            self._drop(first)
+
+    def _drop(self, result_id: str) -> None:
+        data, _, _ = self._items.pop(result_id)
+        self._bytes -= len(data)
+
+
+def result_missing(result_id: str, ttl_s: float | None = None) -> OpenAIError:
+    keep = f" {ttl_s:g} s" if ttl_s else " a while"
+    return OpenAIError(
+        "path",
+        f"no image {result_id!r}: links answer for{keep} after the request (fewer when the"
+        " bounded store is full), then are gone; ask again, or use response_format b64_json",
+        404,
+        "not_found",
+    )
+
+
+def too_big_for_links(size: int, settings: OpenAISettings) -> OpenAIError:
+    return OpenAIError(
+        "response_format",
+        f"the answer's images ({size} bytes) are more than the link store holds"
+        f" ({settings.results_max_bytes} bytes, {settings.results_max_images} images): use"
+        " b64_json",
     )

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from hiresfix.schedule import hires_steps_run
-from hiresfix.schemas import GenerateRequest, UpscaleRequest
+from hiresfix.schemas import GenerateRequest, Img2ImgRequest, UpscaleRequest
 from hiresfix.stages import ImageBatch, faces_unavailable, upscale_unavailable
 
 
 @dataclass(frozen=True)
 class StageCall:
-    stage: str  # base, finish, upscale, hires, face
+    stage: str  # base, finish, img2img, upscale, hires, face
     steps: int  # denoising steps; the upscale and face passes count as one
     deployment: str  # "base", "upscaler" or "refine": a handle the ingress holds
     method: str
@@ -39,6 +39,24 @@ def generate_plan(req: GenerateRequest, request_id: str | None = None) -> list[S
             StageCall("base", base, "base", "generate", (req, request_id)),
             StageCall("finish", max(1, n - base), "refine", "finish", (req,)),
         ]
+    return plan + _hires(req) + _face(req)
+
+
+def img2img_plan(
+    req: Img2ImgRequest, gen: GenerateRequest, size: tuple[int, int], mask: Any
+) -> list[StageCall]:
+    """/img2img: the decoded picture is redrawn (inpainted with `mask`) at `size` on the base
+    model, then the hires fix and face pass of `gen` (req.as_generate at that size) follow."""
+    steps = hires_steps_run(req.num_inference_steps, 0, req.strength)
+    return (
+        [StageCall("img2img", steps, "base", "img2img", (req, size, mask))]
+        + _hires(gen)
+        + _face(gen)
+    )
+
+
+def _hires(req: GenerateRequest) -> list[StageCall]:
+    plan = []
     if req.hires_fix:
         plan += [
             StageCall(
@@ -51,13 +69,13 @@ def generate_plan(req: GenerateRequest, request_id: str | None = None) -> list[S
             ),
             StageCall(
                 "hires",
-                hires_steps_run(n, req.hires_steps, req.denoising_strength),
+                hires_steps_run(req.num_inference_steps, req.hires_steps, req.denoising_strength),
                 "refine",
                 "hires",
                 (req,),
             ),
         ]
-    return plan + _face(req)
+    return plan
 
 
 def upscale_plan(req: UpscaleRequest, size: tuple[int, int]) -> list[StageCall]:

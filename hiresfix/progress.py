@@ -52,6 +52,8 @@ class _Entry:
     state: str = "running"
     detail: str | None = None
     finished: float | None = None
+    tag: str | None = None  # who started it, for A1111's caller-wide progress and interrupt
+    signal: str | None = None  # "interrupt" or "skip", handed to the stage at its next report
 
 
 class ProgressBoard:
@@ -67,7 +69,7 @@ class ProgressBoard:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
-    def begin(self, request_id: str, plan: dict[str, int]) -> bool:
+    def begin(self, request_id: str, plan: dict[str, int], tag: str | None = None) -> bool:
         """Open an entry; False when a running request already uses this id."""
         with self._lock:
             self._evict()
@@ -76,19 +78,41 @@ class ProgressBoard:
                 return False
             self._entries.pop(request_id, None)
             self._entries[request_id] = _Entry(
-                plan={k: max(1, v) for k, v in plan.items()}, started=self.clock()
+                plan={k: max(1, v) for k, v in plan.items()}, started=self.clock(), tag=tag
             )
             return True
 
-    def report(self, request_id: str, stage: str, steps_done: int) -> None:
+    def report(self, request_id: str, stage: str, steps_done: int) -> str | None:
+        """Record a stage's steps; answers the signal waiting for it (a skip is handed over once,
+        an interrupt stays: every later pass stops too)."""
         with self._lock:
             e = self._entries.get(request_id)
             if e is None or e.state != "running" or stage not in e.plan:
-                return  # unknown (never begun, or evicted) or already over: nothing to show
+                return None  # unknown (never begun, or evicted) or already over: nothing to show
             for earlier in list(e.plan)[: list(e.plan).index(stage)]:
                 e.done[earlier] = e.plan[earlier]
             e.done[stage] = max(e.done.get(stage, 0), min(steps_done, e.plan[stage]))
             e.stage = stage
+            signal = e.signal
+            if signal == "skip":
+                e.signal = None
+            return signal
+
+    def signal(self, tag: str, kind: str) -> list[str]:
+        """A1111's interrupt / skip: flag every running request of `tag`; the stages stop early
+        at their next report. Returns the ids flagged."""
+        with self._lock:
+            ids = [r for r, e in self._entries.items() if e.tag == tag and e.state == "running"]
+            for r in ids:
+                if self._entries[r].signal != "interrupt":  # an interrupt outranks a skip
+                    self._entries[r].signal = kind
+            return ids
+
+    def current(self, tag: str) -> ProgressInfo | None:
+        """The latest running request of `tag` (A1111's single 'current job'), or None."""
+        with self._lock:
+            ids = [r for r, e in self._entries.items() if e.tag == tag and e.state == "running"]
+        return self.get(ids[-1]) if ids else None
 
     def end(self, request_id: str, state: str, detail: str | None = None) -> None:
         with self._lock:
@@ -127,6 +151,7 @@ class ProgressBoard:
                 eta_s=None if eta is None else round(eta, 1),
                 plan=dict(e.plan),
                 detail=e.detail,
+                signal=e.signal,
             )
 
     def _evict(self) -> None:

@@ -7,10 +7,18 @@ contract that existing clients already send (A1111-style names on port 7860).
 
 from __future__ import annotations
 
+import copy
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from hiresfix.samplers import SamplerName
 
@@ -197,6 +205,126 @@ class UpscaleRequest(UpscaleOptions, FaceOptions):
     output_format: OutputFormat = "png"
 
 
+# --- POST /img2img ------------------------------------------------------------------------------
+def _as_generate(name: str):
+    """The /generate field of that name, bounds and description included: one definition."""
+    return copy.copy(GenerateRequest.model_fields[name])
+
+
+ResizeMode = Literal["resize", "crop", "fill"]
+
+
+class Img2ImgRequest(UpscaleOptions, FaceOptions):
+    """img2img (and inpainting with `mask`) of your image; then, optionally, the hires fix and the
+    face pass exactly as /generate runs them."""
+
+    image: str = Field(
+        ..., min_length=1, description="Base64 PNG/JPEG/WebP (a data: URL is accepted)."
+    )
+    prompt: str = _as_generate("prompt")
+    negative_prompt: str = _as_generate("negative_prompt")
+    strength: float = Field(
+        0.75,
+        ge=0.001,
+        le=1.0,
+        description="How much to change the image: 0 keeps it, 1 redraws it from noise.",
+    )
+    mask: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Inpainting: base64 mask image, white = repaint, black = keep (grey: partly);"
+            " resized like the image. Pixels it keeps come back unchanged."
+        ),
+    )
+    mask_blur: int = Field(4, ge=0, le=64, description="Feathers the mask's edge, in pixels.")
+    mask_invert: bool = Field(False, description="Repaint where the mask is black instead.")
+    width: int = Field(
+        0,
+        ge=0,
+        le=MAX_SIDE,
+        description="Output width, multiple of 8; 0 = the image's (rounded down to 8).",
+        json_schema_extra=_X8,
+    )
+    height: int = Field(
+        0,
+        ge=0,
+        le=MAX_SIDE,
+        description="Output height, multiple of 8; 0 = the image's, or follows width.",
+        json_schema_extra=_X8,
+    )
+    resize_mode: ResizeMode = Field(
+        "resize",
+        description=(
+            "When the size differs from the image's: resize (stretch), crop (cover, then"
+            " centre-crop) or fill (fit, then extend the edges)."
+        ),
+    )
+    seed: int | None = _as_generate("seed")
+    num_inference_steps: int = Field(
+        30, ge=1, le=MAX_STEPS, description="Schedule length; strength x steps of it run."
+    )
+    guidance_scale: float = _as_generate("guidance_scale")
+    scheduler: SamplerName = _as_generate("scheduler")
+    num_images: int = _as_generate("num_images")
+    hires_fix: bool = _as_generate("hires_fix")
+    hires_scale: float = _as_generate("hires_scale")
+    hires_width: int = _as_generate("hires_width")
+    hires_height: int = _as_generate("hires_height")
+    hires_steps: int = _as_generate("hires_steps")
+    denoising_strength: float = _as_generate("denoising_strength")
+    hires_prompt: str = _as_generate("hires_prompt")
+    hires_negative_prompt: str = _as_generate("hires_negative_prompt")
+    hires_scheduler: SamplerName | None = _as_generate("hires_scheduler")
+    hires_guidance_scale: float | None = _as_generate("hires_guidance_scale")
+    output_format: OutputFormat = "png"
+
+    _prompt_not_blank = field_validator("prompt")(GenerateRequest._prompt_not_blank.__func__)
+
+    @field_validator("width", "height", "hires_width", "hires_height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        return GenerateRequest._multiple_of_8(v) if v else v
+
+    def output_size(self, image_width: int, image_height: int) -> tuple[int, int]:
+        """The img2img pass's size for an image of that size (before any hires fix)."""
+        if self.width and self.height:
+            return self.width, self.height
+        if self.width or self.height:  # one side given: the other keeps the image's proportions
+            return resize_to(image_width, image_height, self.width, self.height)
+        return max(8, image_width // 8 * 8), max(8, image_height // 8 * 8)  # down to the grid
+
+    def as_generate(self, width: int, height: int) -> GenerateRequest:
+        """The same request as /generate would take at the img2img size: what the hires, face and
+        limit checks read. Raises RequestError naming the field (a hires size below the image's,
+        a size off the limits)."""
+        fields = self.model_dump(
+            exclude={
+                "image",
+                "mask",
+                "mask_blur",
+                "mask_invert",
+                "strength",
+                "resize_mode",
+                "width",
+                "height",
+            }
+        )
+        try:
+            return GenerateRequest(**fields, width=width, height=height)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "body"
+            message = err["msg"].removeprefix("Value error, ")
+            if field in ("width", "height") and not getattr(self, field):
+                message = (
+                    f"the image gives an output of {width}x{height}, {field}: {message};"
+                    " set width and height"
+                )
+                field = "image"
+            raise RequestError(field, message) from None
+
+
 class FaceRestorationInfo(BaseModel):
     applied: bool = False
     faces_found: int = 0
@@ -236,7 +364,8 @@ class ProgressInfo(BaseModel):
     request_id: str
     state: Literal["running", "done", "failed", "cancelled"]
     stage: str | None = Field(
-        None, description="base, finish, upscale, hires or face; null before the first step."
+        None,
+        description="base, finish, img2img, upscale, hires or face; null before the first step.",
     )
     step: int = Field(0, description="Steps done in the current stage.")
     stage_steps: int = Field(0, description="Steps the current stage runs.")
@@ -249,6 +378,9 @@ class ProgressInfo(BaseModel):
     )
     plan: dict[str, int] = Field(default_factory=dict, description="Steps per stage, in order.")
     detail: str | None = Field(None, description="Why it failed, when it did.")
+    signal: Literal["interrupt", "skip"] | None = Field(
+        None, description="An A1111 interrupt or skip on its way to the running pass."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -275,6 +407,10 @@ class HealthResponse(BaseModel):
     face_restoration_available: bool
     models: list[ModelInfo]
     deployments: dict[str, dict] = Field(default_factory=dict)
+    jobs: dict | None = Field(
+        None,
+        description="The job queue (/jobs): its store, whether jobs survive a restart, counts.",
+    )
 
 
 class FieldError(BaseModel):

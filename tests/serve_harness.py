@@ -7,6 +7,7 @@ fallback for real: a missing file, a corrupt file, and injected OOM/error faults
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import yaml
 
 from deployments.guard import API_KEYS_ENV
 from tests import REPO, TEST_ENV
+from tests.redis_server import RedisServer
 
 
 def free_port() -> int:
@@ -31,7 +33,13 @@ def free_port() -> int:
 
 
 def make_test_config(
-    tmp: Path, weights: Path, gfpgan: Path, port: int, *, nolib: bool = True
+    tmp: Path,
+    weights: Path,
+    gfpgan: Path,
+    port: int,
+    *,
+    nolib: bool = True,
+    redis_url: str | None = None,
 ) -> dict:
     """`nolib=False` leaves out the second ("library missing", API-keys) app: half the replicas,
     for a cluster that only needs the main app (tests/test_chaos.py)."""
@@ -83,6 +91,7 @@ def make_test_config(
         "max_input_bytes": 4 * 1024 * 1024,
         "max_output_side": 2048,
     }
+    args["jobs"] = dict(TEST_JOBS)  # in memory; callbacks to this machine (tests/test_jobs.py)
     if not nolib:
         return cfg
     # A second copy of the app whose upscaler replica runs on an interpreter that really lacks
@@ -97,6 +106,10 @@ def make_test_config(
         "docs_public": False,
         "max_requests_per_key": 1,
     }
+    # Its job queue lives in a real Redis (ServeApp starts one): the Jobs replica may be killed.
+    nolib["args"]["jobs"] = {**TEST_JOBS, "redis_url": redis_url, "key_prefix": "nolib:"}
+    # OpenAI url links that expire within a test (tests/test_openai.py).
+    nolib["args"]["openai"] = {"results_ttl_s": NOLIB_RESULTS_TTL_S, "results_max_images": 8}
     for d in nolib["deployments"]:
         if d["name"] == "Upscaler":
             d["ray_actor_options"]["runtime_env"] = {
@@ -121,6 +134,17 @@ FUZZ_LIMITS = {
 }
 
 
+# Jobs (POST /jobs/{kind}) one at a time, so a second job waits; a lost runner's lease lapses
+# in seconds (tests/test_jobs.py kills a Jobs replica).
+TEST_JOBS = {
+    "concurrency": 1,
+    "lease_s": 4,
+    "heartbeat_s": 1,
+    "allow_callbacks": True,
+    "callback_hosts": ["127.0.0.1"],
+    "callback_timeout_s": 5,
+}
+
 FUZZ_BODY_TIMEOUT_S = 5  # stalled uploads to /fuzz get their 408 quickly (tests/test_hostile.py)
 
 
@@ -139,6 +163,7 @@ def fuzz_app(main: dict, tmp: Path) -> dict:
 
 
 API_KEYS = ("test-key-one", "test-key-two")  # the "nolib" app's keys
+NOLIB_RESULTS_TTL_S = 3  # the "nolib" app's openai.results_ttl_s
 
 
 def python_without(tmp: Path, library: str) -> Path:
@@ -162,11 +187,23 @@ class RayHead:
     replicas, redeploy, shut Serve down). `ray start --head --block` in its own session: stop()
     ends that process group only; `ray stop` would end every Ray on the machine, others' too."""
 
-    def __init__(self, tmp: Path, num_cpus: int = 2, code: Path = REPO):
+    def __init__(
+        self,
+        tmp: Path,
+        num_cpus: int = 2,
+        code: Path = REPO,
+        join: str | None = None,
+        resources: dict[str, float] | None = None,
+        system_config: dict | None = None,
+    ):
+        """`join`: a worker node of the cluster at that address instead of a head; `resources`:
+        the custom resources the node offers (stages placed by `ray_actor_options.resources`);
+        `system_config`: the head's Ray settings (e.g. how fast a lost node is declared dead)."""
         self.code = code  # where replicas import deployments/ and hiresfix/ from (snapshot_code)
         ports = _free_ports(9)
         self.port = ports[0]
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{ports[7]}/metrics"  # Ray's Prometheus endpoint
         self.log = tmp / f"ray-head-{self.port}.log"
         lo = _free_port_range(200)
         cmd = [
@@ -190,6 +227,15 @@ class RayHead:
             "--include-dashboard=false",
             "--disable-usage-stats",
         ]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        if system_config:
+            cmd.append(f"--system-config={json.dumps(system_config)}")
+        if join is not None:  # a worker: no GCS, client server or dashboard of its own
+            self.address = join
+            drop = ("--head", "--port=", "--ray-client-server-port=", "--dashboard-port=")
+            drop += ("--include-dashboard=",)
+            cmd = [a for a in cmd if not a.startswith(drop)] + [f"--address={join}"]
         self.proc = subprocess.Popen(
             cmd,
             cwd=code,
@@ -200,11 +246,12 @@ class RayHead:
         )
 
     @classmethod
-    def start(cls, tmp: Path, code: Path = REPO, tries: int = 3) -> RayHead:
-        """A started head. On a loaded 2-core box the raylet sometimes gives up waiting for its
-        agents (~20 s, "Timed out waiting for file ...dashboard_agent_listen_port"): try again."""
+    def start(cls, tmp: Path, code: Path = REPO, tries: int = 3, **kw) -> RayHead:
+        """A started head (or, with `join=`, worker node). On a loaded 2-core box the raylet
+        sometimes gives up waiting for its agents (~20 s, "Timed out waiting for file
+        ...dashboard_agent_listen_port"): try again."""
         for attempt in range(tries):
-            head = cls(tmp, code=code)
+            head = cls(tmp, code=code, **kw)
             try:
                 head.wait_ready()
                 return head
@@ -219,13 +266,22 @@ class RayHead:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited ({self.proc.returncode}):\n{self.log_tail()}")
-            if b"Ray runtime started" in self.log.read_bytes():
+            if b"Ray runtime started" in self.log.read_bytes():  # head and worker alike
                 return
             time.sleep(0.5)
         raise RuntimeError(f"Ray head not up after {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
+
+    def lose(self) -> None:
+        """The node is lost, as a machine that dies would be: SIGKILL to every process of it."""
+        for pid in _session_pids(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
 
     def stop(self) -> None:
         """SIGTERM to the head's process group (`ray start --block` then stops its raylet, GCS
@@ -319,6 +375,19 @@ def _serve_env(**extra: str) -> dict:
     return env
 
 
+# `serve run` on a local Ray whose Prometheus endpoint is on a port we chose (argv[1]): `serve run`
+# has no flag for it, and starts Ray itself only when nothing in its process did (ray.init's
+# `_metrics_export_port`; `ray start --metrics-export-port` is the same for a RayHead).
+SERVE_RUN_WITH_METRICS_PORT = """
+import sys
+import ray
+from ray.serve.scripts import cli
+ray.init(address="local", namespace="serve", _metrics_export_port=int(sys.argv[1]))
+print("HIRESFIX_TEST_GCS=" + ray.get_runtime_context().gcs_address, flush=True)
+cli(["run", *sys.argv[2:]])
+"""
+
+
 class ServeApp:
     """`serve run <config>` on a local Ray of its own; or, with `ray_address`, the config submitted
     to that cluster (`serve run --non-blocking --address`), which then owns the app: deploy()
@@ -337,10 +406,15 @@ class ServeApp:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()  # Ray's Prometheus endpoint (local cluster only)
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.ray_address, self.code = ray_address, code
         self.prefixes = ("", "/nolib", "/fuzz") if nolib else ("",)
         self.config = tmp / "serve_test.yaml"
-        cfg = make_test_config(tmp, weights, gfpgan, self.port, nolib=nolib)
+        # The "nolib" app keeps its jobs in a real Redis (tests/test_jobs.py).
+        self.redis = RedisServer(tmp) if nolib else None
+        redis_url = self.redis.url if self.redis else None
+        cfg = make_test_config(tmp, weights, gfpgan, self.port, nolib=nolib, redis_url=redis_url)
         if edit is not None:
             edit(cfg)  # a test's own changes (replica counts, limits, ...)
         self.cfg = cfg
@@ -352,7 +426,9 @@ class ServeApp:
             cmd[2:2] = ["--non-blocking", "--address", ray_address]
         else:  # "local": a fresh cluster. Without it `serve run` joins any `ray start` head on
             # this machine (RayHead, another engineer's run) and redeploys that cluster's apps.
-            cmd[2:2] = ["--address", "local"]
+            # Started by SERVE_RUN_WITH_METRICS_PORT's ray.init, so its metrics port is known.
+            cmd = [sys.executable, "-c", SERVE_RUN_WITH_METRICS_PORT, str(self.metrics_port)]
+            cmd.append(str(self.config))
         self.proc = subprocess.Popen(
             cmd,
             cwd=code,  # Ray puts the driver's directory on every replica's sys.path
@@ -409,7 +485,24 @@ class ServeApp:
     def log_tail(self, n: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
+    def gcs_address(self, timeout: float = 10) -> str:
+        """The local cluster's address, for ray.init from a test (to find and kill replicas)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if line.startswith("HIRESFIX_TEST_GCS="):
+                    return line.split("=", 1)[1].strip()
+            time.sleep(0.2)
+        raise RuntimeError("the serve process never printed its cluster's address")
+
     def stop(self) -> None:
+        try:
+            self._stop_serve()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+
+    def _stop_serve(self) -> None:
         if self.ray_address is not None:  # the cluster's owner (RayHead.stop) ends it
             return
         # `serve run` ignores SIGINT when not interactive; SIGTERM shuts Serve and its local Ray

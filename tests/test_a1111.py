@@ -1,25 +1,43 @@
-"""The AUTOMATIC1111 txt2img mapping, Ray-free: what an A1111 client sends becomes our request."""
+"""The AUTOMATIC1111 API: the mapping Ray-free (what an A1111 client sends becomes our request, our
+answer becomes A1111's), then the routes on the real service (A1111's shapes, decoded images)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import threading
+import time
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
+from skimage import data
 
 from hiresfix.a1111 import (
     A1111Error,
     ExtrasRequest,
+    Img2ImgA1111Request,
     Txt2ImgRequest,
+    caller_tag,
     checkpoint,
     face_restorers,
     info_json,
+    infotext,
     options,
+    parse_infotext,
+    png_info,
+    progress_response,
     samplers,
     schedulers,
     update_options,
     upscalers,
 )
+from hiresfix.images import Picture, encode_image
+from hiresfix.progress import ProgressBoard
 from hiresfix.samplers import SAMPLERS
+from hiresfix.schemas import GenerateRequest, Img2ImgRequest
 
 CONFIGURED = ["RealESRGAN_x2plus", "RealESRGAN_x4plus", "realesr-animevideov3"]
 
@@ -254,3 +272,361 @@ def test_posting_options_changes_nothing_and_says_so():
     with pytest.raises(A1111Error) as err:  # the pictures would come from another model
         update_options({"sd_model_checkpoint": "dreamshaper"}, "tiny", [])
     assert err.value.field == "sd_model_checkpoint" and "tiny" in err.value.message
+
+
+# --- img2img, infotext, png-info, progress (no Ray) ---------------------------------------------
+def test_img2img_maps_a1111_fields_and_defaults():
+    req, notes = Img2ImgA1111Request(
+        init_images=["abc", "def"],
+        prompt="a castle",
+        mask="m",
+        inpainting_mask_invert=1,
+        mask_blur=6,
+        resize_mode=1,
+        sampler_name="Euler a",
+        steps=20,
+        cfg_scale=5,
+        width=640,
+        height=512,
+        batch_size=2,
+        restore_faces=True,
+        enable_hr=True,
+        inpainting_fill=1,
+        include_init_images=False,
+    ).to_img2img(CONFIGURED)
+    assert (req.image, req.mask, req.mask_invert, req.mask_blur, req.resize_mode) == (
+        "abc",
+        "m",
+        True,
+        6,
+        "crop",
+    )
+    assert (req.strength, req.scheduler, req.num_inference_steps, req.guidance_scale) == (
+        0.75,  # A1111's default denoising_strength
+        "euler_a",
+        20,
+        5,
+    )
+    assert (req.width, req.height, req.num_images, req.use_face_restoration) == (640, 512, 2, True)
+    assert "enable_hr: not supported, ignored" in notes  # A1111's img2img has no hires fix
+    assert any(n.startswith("init_images: only the first") for n in notes)
+    assert any(n.startswith("inpaint_full_res") for n in notes)
+    plain, notes = Img2ImgA1111Request(init_images=["abc"], prompt="x").to_img2img(CONFIGURED)
+    assert (plain.width, plain.height, plain.num_inference_steps, plain.mask) == (
+        512,
+        512,
+        50,
+        None,
+    )
+    assert plain.mask is None and plain.mask_blur == 4 and notes == []
+    latent, notes = Img2ImgA1111Request(init_images=["a"], prompt="x", resize_mode=3).to_img2img([])
+    assert latent.resize_mode == "resize" and "latent upscale" in notes[0]
+    echoed = Img2ImgA1111Request(init_images=["abc"], prompt="x", mask="m")
+    assert "init_images" not in echoed.parameters() and "mask" not in echoed.parameters()
+    assert echoed.model_copy(update={"include_init_images": True}).parameters()["init_images"]
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"init_images": None}, "init_images"),
+        ({"init_images": [""]}, "init_images"),
+        ({"resize_mode": 7}, "resize_mode"),
+        ({"denoising_strength": 0}, "denoising_strength"),
+        ({"steps": 0}, "steps"),
+        ({"width": 500}, "width"),
+        ({"batch_size": 3, "n_iter": 2}, "batch_size"),
+        ({"sampler_name": "LMS"}, "sampler_name"),
+        ({"prompt": ""}, "prompt"),
+        ({"mask_blur": 99}, "mask_blur"),
+    ],
+)
+def test_img2img_errors_name_the_a1111_field(kw, field):
+    with pytest.raises(A1111Error) as e:
+        Img2ImgA1111Request(**{"init_images": ["abc"], "prompt": "a", **kw}).to_img2img([])
+    assert e.value.field == field
+
+
+def test_infotext_round_trips_through_png_info():
+    gen = GenerateRequest(
+        prompt='a castle, "old": at dusk',
+        negative_prompt="blurry\nlow quality",
+        seed=5,
+        width=512,
+        height=768,
+        scheduler="dpmpp_2m_karras",
+        hires_fix=True,
+        hires_steps=10,
+        denoising_strength=0.35,
+    )
+    text = infotext(gen, 5, 512, 768, "realesr-animevideov3")
+    p = parse_infotext(text)
+    assert p["Prompt"] == gen.prompt and p["Negative prompt"] == gen.negative_prompt
+    assert (p["Steps"], p["Sampler"], p["Schedule type"], p["CFG scale"], p["Seed"]) == (
+        "30",
+        "DPM++ 2M Karras",
+        "Karras",
+        "7",
+        "5",
+    )
+    assert (p["Size-1"], p["Size-2"], p["Denoising strength"], p["Hires upscale"]) == (
+        "512",
+        "768",
+        "0.35",
+        "2",
+    )
+    assert (p["Hires steps"], p["Hires upscaler"]) == ("10", "realesr-animevideov3")
+    # Through a real PNG file, Latin-1 (tEXt) and not (iTXt): what /sdapi/v1/png-info answers.
+    for prompt in ("a castle", "ein Schloß, 城"):
+        req = Img2ImgRequest(image="x", prompt=prompt, mask="m", strength=0.4)
+        pic = Picture(np.full((8, 8, 3), 0.5, np.float32))
+        pic.info["parameters"] = infotext(req, 9, 64, 64)
+        png = encode_image(pic, "png")
+        with Image.open(io.BytesIO(png)) as im:  # any PNG reader sees it; the pixels are intact
+            assert im.info["parameters"] == pic.info["parameters"]
+            assert np.asarray(im)[0, 0].tolist() == [128, 128, 128]
+        ans = png_info(base64.b64encode(png).decode(), 1 << 20)
+        assert ans.info == pic.info["parameters"] and ans.parameters["Prompt"] == prompt
+        assert (ans.parameters["Denoising strength"], ans.parameters["Mask blur"]) == ("0.4", "4")
+    assert "parameters" not in Image.open(io.BytesIO(encode_image(pic, "jpeg"))).info
+    assert png_info("", 100).info == ""  # A1111: a blank image is an empty answer
+    for junk, status in (("not base64!", 400), (base64.b64encode(b"junk").decode(), 400)):
+        with pytest.raises(A1111Error) as e:
+            png_info(junk, 1 << 20)
+        assert (e.value.field, e.value.status) == ("image", status)
+
+
+def test_progress_interrupt_and_skip_on_the_board():
+    board, tag = ProgressBoard(), caller_tag("Bearer key-one")
+    assert tag != caller_tag("Bearer key-two") and "key-one" not in tag
+    idle = progress_response(board.current(tag))
+    assert (idle.progress, idle.eta_relative, idle.state["job_count"]) == (0, 0, 0)
+    board.begin("other", {"base": 10})  # someone else's (no tag): never seen nor stopped
+    board.begin("mine", {"base": 10, "upscale": 1, "hires": 5}, tag)
+    assert board.report("mine", "base", 4) is None
+    info = progress_response(board.current(tag))
+    assert info.state["job"] == "mine" and info.state["sampling_step"] == 4
+    assert info.state["sampling_steps"] == 10 and info.progress == round(4 / 16, 4)
+    assert info.textinfo == "base 4/10" and info.current_image is None
+    assert board.signal(tag, "skip") == ["mine"]
+    assert progress_response(board.current(tag)).state["skipped"] is True
+    assert board.report("mine", "base", 5) == "skip"  # handed over once
+    assert board.report("mine", "hires", 1) is None
+    assert board.signal(tag, "interrupt") == ["mine"]
+    assert board.report("mine", "hires", 2) == "interrupt"  # stays: every later pass stops
+    assert board.report("mine", "hires", 3) == "interrupt"
+    assert board.signal(tag, "skip") == ["mine"] and board.get("mine").signal == "interrupt"
+    assert board.report("other", "base", 3) is None and board.get("other").signal is None
+    board.end("mine", "done")
+    assert board.current(tag) is None and board.signal(tag, "interrupt") == []
+
+
+# --- the routes on the real service -------------------------------------------------------------
+def photo_b64(w: int, h: int | None = None) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((w, h or w), Image.BICUBIC).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def pixels(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        return np.asarray(im.convert("RGB"), np.float32) / 255
+
+
+def call(service, method, path, body=None, key=None, **kw):  # kw: timeout
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(
+        method, service.url + path, json=body, headers=headers, timeout=kw.pop("timeout", 300)
+    )
+
+
+def ok(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text[:2000]
+    return r.json()
+
+
+@pytest.mark.serve
+def test_a1111_img2img_inpaints_like_our_route(service):
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 48:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, "PNG")
+    body = {
+        "init_images": [photo_b64(96, 64)],
+        "mask": base64.b64encode(buf.getvalue()).decode(),
+        "mask_blur": 2,
+        "prompt": "an astronaut",
+        "seed": 11,
+        "steps": 6,
+        "denoising_strength": 0.9,
+        "sampler_name": "Euler a",
+        "width": 96,
+        "height": 64,
+        "batch_size": 2,
+        "inpaint_full_res": False,
+        "send_images": True,
+    }
+    r = ok(call(service, "POST", "/sdapi/v1/img2img", body))
+    assert len(r["images"]) == 2 and "init_images" not in r["parameters"]
+    info = json.loads(r["info"])
+    assert (info["all_seeds"], info["width"], info["height"]) == ([11, 12], 96, 64)
+    assert info["denoising_strength"] == 0.9 and info["ignored"] == []
+    src = pixels(body["init_images"][0])
+    for im in r["images"]:
+        out = pixels(im)
+        assert np.abs(out - src)[:, :40].max() <= 1 / 255 + 1e-6  # the mask keeps it: unchanged
+        assert np.abs(out - src)[:, 56:].mean() > 0.02
+    ours = {
+        "image": body["init_images"][0],
+        "mask": body["mask"],
+        "mask_blur": 2,
+        "prompt": "an astronaut",
+        "seed": 11,
+        "num_inference_steps": 6,
+        "strength": 0.9,
+        "scheduler": "euler_a",
+        "num_images": 2,
+    }
+    assert ok(call(service, "POST", "/img2img", ours))["images"][0] == r["images"][0]
+    crop = ok(
+        call(
+            service,
+            "POST",
+            "/sdapi/v1/img2img",
+            {**body, "mask": None, "resize_mode": 1, "width": 64, "batch_size": 1},
+        )
+    )
+    assert pixels(crop["images"][0]).shape == (64, 64, 3)
+    for bad, field in (({"init_images": []}, "init_images"), ({"resize_mode": 9}, "resize_mode")):
+        r = call(service, "POST", "/sdapi/v1/img2img", {**body, **bad}, timeout=60)
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == field
+    r = call(service, "POST", "/sdapi/v1/img2img", {**body, "init_images": ["bm9wZQ=="]})
+    assert r.status_code == 400 and r.json()["detail"][0]["field"] == "init_images"
+
+
+@pytest.mark.serve
+def test_png_info_reads_our_txt2img_answers(service):
+    body = {
+        "prompt": "a castle",
+        "negative_prompt": "fog",
+        "seed": 21,
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras",
+    }
+    r = ok(call(service, "POST", "/sdapi/v1/txt2img", body))
+    info = ok(call(service, "POST", "/sdapi/v1/png-info", {"image": r["images"][0]}))
+    assert info["info"].startswith("a castle\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M")
+    p = info["parameters"]
+    assert (p["Prompt"], p["Negative prompt"], p["Seed"], p["Size-1"], p["Size-2"]) == (
+        "a castle",
+        "fog",
+        "21",
+        "64",
+        "64",
+    )
+    assert p["Schedule type"] == "Karras" and info["items"] == {}
+    assert ok(call(service, "POST", "/sdapi/v1/png-info", {"image": ""}))["info"] == ""
+    junk = call(service, "POST", "/sdapi/v1/png-info", {"image": "%%%"})
+    assert junk.status_code == 400 and junk.json()["detail"][0]["field"] == "image"
+
+
+def _start(service, path, body, key=None, rid=None):
+    """Run a request in a thread; returns (thread, out dict with 'r' and 't' when done)."""
+    out, headers = {}, {"x-request-id": rid} if rid else {}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+
+    def go():
+        t0 = time.perf_counter()
+        out["r"] = httpx.post(service.url + path, json=body, headers=headers, timeout=600)
+        out["t"] = time.perf_counter()
+        out["t0"] = t0
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, out
+
+
+def _wait_running(service, path, out, key=None, min_step=1, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert "r" not in out, out["r"].text[:500]  # it ended (or failed) before it was seen
+        p = ok(call(service, "GET", path, key=key, timeout=30))
+        if p["state"]["job_count"] and p["state"]["sampling_step"] >= min_step:
+            return p
+        time.sleep(0.05)
+    raise AssertionError("the job never showed up at /sdapi/v1/progress")
+
+
+STEPS = 50  # the test profile's max_steps
+SLOW = {"prompt": "a busy street", "width": 384, "height": 384, "steps": STEPS, "seed": 3}
+
+
+@pytest.mark.serve
+def test_progress_and_interrupt_end_the_job_early_with_its_picture(service):
+    idle = ok(call(service, "GET", "/sdapi/v1/progress"))
+    assert (idle["progress"], idle["eta_relative"], idle["state"]["job_count"]) == (0, 0, 0)
+    assert ok(call(service, "POST", "/sdapi/v1/interrupt"))["requests"] == []
+    rid = f"a1111-interrupt-{time.time_ns()}"
+    t, out = _start(service, "/sdapi/v1/txt2img", SLOW, rid=rid)
+    p = _wait_running(service, "/sdapi/v1/progress", out, min_step=2)
+    assert p["state"]["job"] == rid and p["state"]["sampling_steps"] == STEPS
+    assert 0 < p["progress"] < 1 and p["eta_relative"] > 0 and p["textinfo"].startswith("base ")
+    assert p["current_image"] is None
+    t_signal = time.perf_counter()
+    assert ok(call(service, "POST", "/sdapi/v1/interrupt"))["requests"] == [rid]
+    t.join(300)
+    r = ok(out["r"])  # A1111's interrupt: the answer is the picture as it was, not an error
+    assert pixels(r["images"][0]).shape == (384, 384, 3)
+    # It stopped far short of STEPS: the rest of the run would have taken much longer.
+    per_step = (t_signal - out["t0"]) / p["state"]["sampling_step"]
+    assert out["t"] - t_signal < 0.5 * per_step * (STEPS - p["state"]["sampling_step"])
+    done = ok(call(service, "GET", f"/progress/{rid}"))
+    assert done["state"] == "done"
+
+
+@pytest.mark.serve
+def test_skip_ends_the_running_pass_and_the_hires_pass_still_runs(service):
+    body = {
+        **SLOW,
+        "width": 256,
+        "height": 256,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_second_pass_steps": 2,
+        "hr_upscaler": "Lanczos",
+    }
+    t, out = _start(service, "/sdapi/v1/txt2img", body)
+    _wait_running(service, "/sdapi/v1/progress", out, min_step=2)
+    assert len(ok(call(service, "POST", "/sdapi/v1/skip"))["requests"]) == 1
+    t.join(300)
+    r = ok(out["r"])
+    assert pixels(r["images"][0]).shape == (384, 384, 3)  # the hires pass ran after the skip
+    assert json.loads(r["info"])["upscaler_used"] == "lanczos"
+
+
+@pytest.mark.serve
+def test_with_api_keys_another_key_neither_sees_nor_stops_the_job(service):
+    """The nolib app has API keys on (and one running request per key: key one's job holds its
+    slot, so key two does the looking)."""
+    from tests.serve_harness import API_KEYS
+
+    one, two = API_KEYS
+    rid = f"a1111-keys-{time.time_ns()}"
+    t, out = _start(service, "/nolib/sdapi/v1/txt2img", {**SLOW, "steps": 30}, key=one, rid=rid)
+    deadline = time.time() + 120
+    while True:  # running, seen by its id
+        r = call(service, "GET", f"/nolib/progress/{rid}", key=two, timeout=30)
+        if r.status_code == 200 and r.json()["step"] >= 1:
+            break
+        assert time.time() < deadline and "r" not in out, r.text
+        time.sleep(0.05)
+    assert ok(call(service, "GET", "/nolib/sdapi/v1/progress", key=two))["state"]["job_count"] == 0
+    assert ok(call(service, "POST", "/nolib/sdapi/v1/interrupt", key=two))["requests"] == []
+    assert call(service, "POST", "/nolib/sdapi/v1/interrupt").status_code == 401
+    t.join(300)
+    assert pixels(ok(out["r"])["images"][0]).shape == (384, 384, 3)
+    assert ok(call(service, "GET", f"/nolib/progress/{rid}", key=two))["state"] == "done"

@@ -1,4 +1,4 @@
-"""Chaos (issue 11, items 3 and 5): replicas die mid-request, a config redeploy and a Serve shutdown
+"""Chaos (issue 11, items 3 and 5): replicas die mid-request, a config redeploy and `hiresfix stop`
 while requests run. On a cluster of its own (never the shared `service` fixture): a Ray head on
 free ports, the test config without the "nolib" app, its code copied once (a replica restarted
 mid-test must import the code the app was deployed with, not a file someone edited meanwhile).
@@ -18,23 +18,23 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, shared_weights, random_gfpgan):
-    from tests.serve_harness import RayHead, ServeApp, snapshot_code
-
-    tmp = tmp_path_factory.mktemp("chaos")
-    code = snapshot_code(tmp)
-    head = RayHead.start(tmp, code=code)
+def own(tmp_path_factory, shared_weights, random_gfpgan):
+    """Two Ray nodes: a head, and a worker offering the `upscaler` resource where every Upscaler
+    replica runs (bench/chaos.py: multi_node_config)."""
+    own = chaos.OwnCluster(tmp_path_factory.mktemp("chaos"), random_gfpgan, shared_weights)
     try:
-        app = ServeApp(
-            tmp, shared_weights, random_gfpgan, ray_address=head.address, nolib=False, code=code
-        )
-        app.wait_ready(timeout=240)
-        yield chaos.Cluster(app.url, head.address), app
+        own.app.wait_ready(timeout=240)
+        yield own
     finally:
         import ray
 
         ray.shutdown()
-        head.stop()
+        own.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(own):
+    return chaos.Cluster(own.app.url, own.head.address), own.app
 
 
 def show(outcome: chaos.Outcome) -> None:
@@ -133,15 +133,72 @@ def test_config_redeploy_while_requests_run_cuts_none(cluster):
     assert o.recovery_s is not None, "Ingress and RefineFace were not replaced, or do not serve"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ray 2.60: serve.shutdown() (what `serve shutdown -y` runs, via the dashboard) kills the"
-    " HTTP proxy at once; every in-flight request is cut (RemoteProtocolError, no response) about"
-    " 1 s after the call, before any replica drains. Strict: this test fails once Ray drains.",
-)
-def test_serve_shutdown_while_requests_run_cuts_none(cluster):
-    """Last: it ends Serve on this cluster."""
+def test_stages_run_on_the_nodes_their_resources_name(own):
+    """The Upscaler runs only on the node offering the `upscaler` resource, SDXLBase only on the
+    head (`sdxl`): a hires request crosses nodes (the batch goes base -> upscaler -> refine as
+    object references between replicas, never through the ingress) and uses the neural upscaler."""
+    c = chaos.Cluster(own.app.url, own.head.address)
+    placed = c.nodes_of(("Upscaler", "SDXLBase", "RefineFace", "Ingress"))
+    workers = c.nodes_with(chaos.UPSCALER_RESOURCE)
+    assert len(workers) == 1 and placed["Upscaler"] == workers, (placed, workers)
+    assert placed["SDXLBase"] and not workers & placed["SDXLBase"], placed
+    a = chaos.send(c.url, "hires", "/generate", {**chaos.hires_body(96, 4, 4)}, timeout=120)
+    assert a.status == 200 and a.body["upscaler_used"] == chaos.UPSCALER_MODEL, a.short()
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_after(cluster):
     c, _ = cluster
-    o = chaos.shutdown_while_busy(c)
+    o = chaos.autoscaled(c)
     show(o)
     assert not o.problems()
+    for a in o.during:
+        assert a.status in (200, 503), a.short()
+    assert sum(a.status == 200 for a in o.during) >= 10, o.statuses()
+    for name in chaos.SCALED:
+        up, down = o.figures[name]
+        assert up is not None, f"{name} never ran 2 replicas"
+        assert down is not None, f"{name} never scaled back to 1 replica"
+
+
+def test_losing_the_upscaler_node_falls_back_and_a_new_node_brings_it_back(cluster, own):
+    c, _ = cluster
+    o = chaos.node_lost(c, own.lose_worker, own.rejoin)
+    show(o)
+    assert not o.problems()
+    for a in o.answers + o.during:  # in flight at the loss, and every probe after it
+        assert a.status == 200, a.short()
+    assert {a.fallback_reason for a in o.answers} <= {None, "upscaler_unavailable"}
+    assert o.figures["detect_s"] is not None, "hires requests never fell back to LANCZOS"
+    assert o.figures["health_s"] is not None, "/health never said the upscaler is unavailable"
+    assert o.recovery_s is not None, "the neural upscaler never came back on the new node"
+    print(
+        f"node loss: fallback after {o.figures['detect_s']:.1f} s, /health after"
+        f" {o.figures['health_s']:.1f} s; neural back {o.recovery_s:.1f} s after the new node"
+    )
+
+
+def test_sigterm_drains_running_requests_then_stops_serve(cluster):
+    """Last: it ends Serve on this cluster. SIGTERM to scripts/serve (what scripts/demo runs),
+    attached to this cluster, runs `hiresfix stop`. Ray 2.60's own `serve shutdown` cuts every
+    running request (the proxies close at once; recorded with a strict xfail until this drain
+    existed), so `hiresfix stop` drains the ingress first (deployments/drain.py)."""
+    import ray
+
+    from deployments import drain
+
+    c, app = cluster
+    o = chaos.stop_while_busy(c, app.config)
+    show(o)
+    assert not o.problems()
+    assert o.notes[0].startswith("SIGTERM to scripts/serve exited 0"), o.notes
+    assert any("drained" in n for n in o.notes), o.notes
+    for a in o.answers:  # admitted before the stop: each finishes
+        assert a.status == 200, a.short()
+    assert o.during, "the stop never reported a running request: nothing was drained"
+    for a in o.during:  # sent while draining: refused at once, in the error shape
+        assert a.status == 503 and a.seconds < 5, a.short()
+        assert a.body["detail"][0]["field"] == "service" and a.headers["retry-after"]
+    # Serve is gone: no controller, no replica (this process's Serve client knew the old one).
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not {n for n in names if n.startswith(("SERVE_CONTROLLER", "SERVE_REPLICA"))}, names
+    assert drain.read_flag() is None  # the next deployment on this cluster starts open

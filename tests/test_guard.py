@@ -137,6 +137,45 @@ async def test_body_size_is_refused_from_content_length(guarded):
 
 
 @pytest.mark.anyio
+async def test_draining_refuses_new_work_and_probes_but_lets_admitted_requests_finish(guarded):
+    """`hiresfix stop` sets the drain flag (deployments/drain.py); the Guard of each replica then
+    answers new POSTs and /health with a 503 while the requests it holds run on."""
+    guarded(keys=(), retry_after_s=4)
+    gate = asyncio.Event()
+    guard = Guard(make_app(gate))
+    async with client(guard) as c:
+        running = asyncio.create_task(c.post("/work", json={}))
+        await asyncio.sleep(0.05)
+        guard.drain.draining = True  # what the replica's drain watch sets when the flag appears
+        for r in (
+            await c.post("/work", json={}, headers={"x-request-id": "late-1"}),
+            await c.get("/health"),
+        ):
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "4" and r.headers["x-should-retry"] == "true"
+            body = r.json()
+            assert body["detail"][0]["field"] == "service" and "draining" in body["error"] + r.text
+            assert body["request_id"] == r.headers["x-request-id"]
+        assert r.json()["request_id"] != "late-1"  # /health sent none: Serve's or a fresh id
+        assert (await c.get("/openapi.json")).status_code == 200  # other GETs still answer
+        gate.set()
+        assert (await running).status_code == 200  # admitted before the drain: it finishes
+        guard.drain.draining = False
+        assert (await c.post("/work", json={})).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_refusals_carry_the_clients_request_id(guarded):
+    guarded()
+    async with client(make_app()) as c:
+        r = await c.post("/work", json={}, headers={"x-request-id": "mine-7"})
+        assert r.status_code == 401
+        assert r.json()["request_id"] == "mine-7" and r.headers["x-request-id"] == "mine-7"
+        r = await c.post("/work", json={}, headers={"x-request-id": "bad id!"})
+        assert r.json()["request_id"] and r.json()["request_id"] != "bad id!"
+
+
+@pytest.mark.anyio
 async def test_stalled_upload_times_out_without_holding_an_admission_slot(guarded):
     guarded(keys=(), max_in_flight=1, body_timeout_s=0.5)
     app, sent, answer = make_app(), [], []

@@ -282,3 +282,57 @@ def test_16bit_grey_colour_key_transparency_becomes_alpha():
     pic = decode_image(raw)
     assert pic.bit_depth == 16 and pic.grayscale
     assert pic.alpha is not None and pic.alpha.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+
+
+# --------------------------------------------------------------------------- PNG compression
+def _photo_like(h=96, w=128) -> np.ndarray:
+    """Smooth gradients plus mild noise: compresses like a photo, unlike pure noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=2)
+    noise = np.random.default_rng(1).normal(0, 3, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_every_png_level_is_lossless(level):
+    """8-bit RGB and RGBA (Pillow), 16-bit RGB (OpenCV) and 16-bit grey+alpha (our own writer)."""
+    rgb8 = _photo_like()
+    pic = decode_image(_png(Image.fromarray(rgb8)))
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(encode_image(pic, png_level=level)))), rgb8
+    )
+    rgba8 = np.dstack([rgb8, rgb8[..., 0]])
+    pic = decode_image(_png(Image.fromarray(rgba8, "RGBA")))
+    back = np.asarray(Image.open(io.BytesIO(encode_image(pic, png_level=level))))
+    assert np.array_equal(back, rgba8)
+    rgb16 = (rgb8.astype(np.uint16) * 257 + 3)[..., ::-1].copy()  # BGR for OpenCV
+    pic = decode_image(cv2.imencode(".png", rgb16)[1].tobytes())
+    data = encode_image(pic, png_level=level)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), rgb16)
+    la = Picture(np.repeat(pic.rgb[..., :1], 3, axis=2), pic.rgb[..., 1], 16, grayscale=True)
+    back = cv2.imdecode(np.frombuffer(encode_image(la, png_level=level), np.uint8), -1)
+    assert back.dtype == np.uint16 and np.array_equal(
+        back[..., 0], (la.rgb[..., 0] * 65535 + 0.5).astype(np.uint16)
+    )
+
+
+def test_png_default_is_the_fast_level_and_levels_trade_size():
+    pic = Picture(_photo_like(256, 256).astype(np.float32) / 255.0)
+    sizes = {lv: len(encode_image(pic, png_level=lv)) for lv in (0, 1, 6)}
+    assert encode_image(pic) == encode_image(pic, png_level=1)
+    assert sizes[1] < sizes[0] / 1.5  # level 1 still compresses, level 0 only stores
+    assert sizes[6] < sizes[0] / 1.5
+    # Level 6 is byte for byte what Pillow writes by default (the encoder before issue 14).
+    assert encode_image(pic, png_level=6) == _png(pic.to_pil())
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match="0-9"):
+            encode_image(pic, png_level=bad)
+
+
+def test_to_u8_matches_the_plain_formula():
+    a = np.concatenate(
+        [np.linspace(-0.5, 1.5, 20001, dtype=np.float32), np.array([0, 1, 0.5 / 255], np.float32)]
+    )
+    a = np.concatenate([a, np.nextafter(a, np.float32(2)), np.nextafter(a, np.float32(-2))])
+    want = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    assert np.array_equal(Picture(a.reshape(1, -1, 1).repeat(3, axis=2)).rgb_u8()[0, :, 0], want)

@@ -11,11 +11,13 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
+from skimage import data
 
-from tests.serve_harness import API_KEYS
+from tests.serve_harness import API_KEYS, NOLIB_RESULTS_TTL_S
 
 pytestmark = pytest.mark.serve
 
@@ -27,7 +29,7 @@ def client(service):
     return openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one per test: its connection pool belongs to the event loop of asyncio.run
 def async_client(service):
     return openai.AsyncOpenAI(
         base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=300
@@ -93,7 +95,7 @@ def test_quality_high_runs_the_hires_fix_to_the_size_asked(client):
 def test_errors_are_the_sdks_exception_classes(client, service):
     cases = [
         ({"size": "huge"}, openai.BadRequestError, "size", "invalid_value"),
-        ({"response_format": "url"}, openai.BadRequestError, "response_format", None),
+        ({"response_format": "link"}, openai.BadRequestError, "response_format", None),
         ({"background": "transparent"}, openai.BadRequestError, "background", None),
         ({"extra_body": {"hires_fixx": True}}, openai.BadRequestError, "hires_fixx", None),
         ({"extra_body": {"scheduler": "LMS"}}, openai.BadRequestError, "scheduler", None),
@@ -204,3 +206,191 @@ def test_a1111_start_up_lists(service):
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert info["upscaler_used"] == "realesr-animevideov3" and info["ignored"] == []
+
+
+# --- edits, variations and url answers ----------------------------------------------------------
+
+
+def photo_png(w: int = 96, h: int = 64) -> bytes:
+    """A real photo (scikit-image's astronaut) as PNG bytes."""
+    im = Image.fromarray(data.astronaut()).resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def alpha_mask(w: int = 96, h: int = 64) -> bytes:
+    """OpenAI's convention: opaque left half (keep), fully transparent right half (edit)."""
+    rgba = np.full((h, w, 4), 255, np.uint8)
+    rgba[:, w // 2 :, 3] = 0
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rgb(b64: str) -> np.ndarray:
+    return np.asarray(picture(b64).convert("RGB"), np.float32) / 255
+
+
+EDIT = {"num_inference_steps": 4, "strength": 1.0, "mask_blur": 2}
+
+
+def test_edit_with_a_mask_repaints_only_the_transparent_area(client):
+    src = photo_png()
+    r = client.images.edit(
+        image=("astronaut.png", src, "image/png"),
+        mask=("mask.png", alpha_mask(), "image/png"),
+        prompt="a red planet",
+        n=2,
+        extra_body={"seed": 3, **EDIT},
+    )
+    assert (r.size, r.output_format, r.quality, len(r.data)) == ("96x64", "png", "medium", 2)
+    ref = np.asarray(Image.open(io.BytesIO(src)).convert("RGB"), np.float32) / 255
+    for d in r.data:
+        out = rgb(d.b64_json)
+        assert out.shape == (64, 96, 3)
+        assert np.abs(out - ref)[:, :40].max() <= 1 / 255 + 1e-6  # opaque in the mask: kept
+        assert np.abs(out - ref)[:, 56:].mean() > 0.05  # transparent: repainted
+    assert r.model_extra["hiresfix"]["seeds"] == [3, 4]
+    assert r.data[0].b64_json != r.data[1].b64_json
+
+
+def test_edit_without_a_mask_sync_and_async_and_several_images(client, async_client):
+    src = photo_png()
+    other = photo_png(64, 64)
+    one = client.images.edit(
+        image=("a.png", src, "image/png"),
+        prompt="an astronaut on the moon",
+        size="128x80",  # the size delivered, resized from the image's 96x64
+        quality="low",
+        extra_body={"seed": 9, "num_inference_steps": 2},
+    )
+    im = picture(one.data[0].b64_json)
+    assert (im.format, im.size, one.size, one.quality) == ("PNG", (128, 80), "128x80", "low")
+
+    async def go():
+        return await async_client.images.edit(
+            image=[("a.png", src, "image/png"), ("b.png", other, "image/png")],  # first used
+            prompt="an astronaut on the moon",
+            size="128x80",
+            quality="low",
+            extra_body={"seed": 9, "num_inference_steps": 2},
+        )
+
+    both = asyncio.run(go())
+    assert picture(both.data[0].b64_json).size == (128, 80)
+    # Same seed, same first image: the same picture as the one-image edit.
+    assert np.array_equal(rgb(both.data[0].b64_json), rgb(one.data[0].b64_json))
+
+
+def test_variations_sync_and_async(client, async_client):
+    src = photo_png(64, 64)
+    r = client.images.create_variation(
+        image=("a.png", src, "image/png"), n=2, extra_body={"seed": 11, "num_inference_steps": 4}
+    )
+    assert (r.size, len(r.data)) == ("64x64", 2)
+    a, b = (rgb(d.b64_json) for d in r.data)
+    ref = np.asarray(Image.open(io.BytesIO(src)).convert("RGB"), np.float32) / 255
+    assert a.shape == ref.shape == (64, 64, 3) and np.abs(a - b).mean() > 0.01  # two variations
+    assert r.model_extra["hiresfix"]["seeds"] == [11, 12]
+
+    async def go():
+        return await async_client.images.create_variation(
+            image=("a.png", src, "image/png"),
+            size="128x128",
+            response_format="url",
+            extra_body={"seed": 11, "num_inference_steps": 4},
+        )
+
+    linked = asyncio.run(go())
+    got = httpx.get(linked.data[0].url, timeout=30)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(got.content)).size == (128, 128)
+
+
+def test_url_answers_are_served_from_the_result_store(client, service):
+    r = client.images.generate(
+        prompt="a lighthouse",
+        size="64x64",
+        n=2,
+        response_format="url",
+        output_format="jpeg",
+        extra_body={"seed": 1, **FAST},
+    )
+    assert all(d.b64_json is None for d in r.data)
+    urls = [d.url for d in r.data]
+    assert urls[0].startswith(service.url + "/v1/images/results/") and urls[0].endswith(".jpg")
+    same = client.images.generate(
+        prompt="a lighthouse", size="64x64", output_format="jpeg", extra_body={"seed": 1, **FAST}
+    )
+    for u in urls:
+        got = httpx.get(u, timeout=30)  # no API key needed: the link is the permission
+        assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
+        assert int(got.headers["cache-control"].split("max-age=")[1]) > 0
+        assert Image.open(io.BytesIO(got.content)).size == (64, 64)
+    # The same bytes as the b64_json answer for the same seed.
+    assert base64.b64decode(same.data[0].b64_json) == httpx.get(urls[0], timeout=30).content
+    gone = httpx.get(service.url + "/v1/images/results/" + "A" * 32 + ".png", timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    junk = httpx.get(service.url + "/v1/images/results/..%2Fetc", timeout=30)
+    assert junk.status_code == 404 and junk.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_url_links_expire_and_need_no_key(service):
+    """The "nolib" app keeps links NOLIB_RESULTS_TTL_S seconds and has API keys on."""
+    keyed = openai.OpenAI(base_url=service.url + "/nolib/v1", api_key=API_KEYS[0], max_retries=0)
+    r = keyed.images.generate(
+        prompt="a castle", size="64x64", response_format="url", extra_body={"seed": 2, **FAST}
+    )
+    url = r.data[0].url
+    assert url.startswith(service.url + "/nolib/v1/images/results/")
+    got = httpx.get(url, timeout=30)  # no Authorization header
+    assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)
+    time.sleep(NOLIB_RESULTS_TTL_S + 0.5)
+    gone = httpx.get(url, timeout=30)
+    assert gone.status_code == 404
+    err = gone.json()["error"]
+    assert err["code"] == "not_found" and "b64_json" in err["message"] and err["param"] is None
+
+
+def test_edit_and_variation_errors_are_the_sdks_exception_classes(client, service):
+    src = photo_png(64, 64)
+    opaque = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(opaque, "PNG")
+    cases = [
+        ({"mask": ("m.png", opaque.getvalue(), "image/png")}, "mask"),  # no alpha channel
+        ({"image": ("x.png", b"not an image", "image/png")}, "image"),
+        ({"extra_body": {"strenght": 0.5}}, "strenght"),
+        ({"extra_body": {"width": 64}}, "width"),  # spelled size here
+        ({"extra_body": {"strength": 2}}, "strength"),
+        ({"size": "64x60"}, "size"),
+        ({"size": "4096x4096"}, "size"),  # over this deployment's max_side
+        ({"n": 5}, "n"),
+        ({"response_format": "link"}, "response_format"),
+    ]
+    for kw, param in cases:
+        args = {"image": ("a.png", src, "image/png"), "prompt": "a castle", **kw}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.images.edit(**args)
+        assert err.value.param == param, (kw, err.value.body)
+        assert err.value.type == "invalid_request_error" and err.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.images.create_variation(image=("a.png", src, "image/png"), model="llama")
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.create_variation(image=("a.png", src, "image/png"), extra_body={"n": 9})
+    assert err.value.param == "n"
+    # The body-size guard holds for multipart bodies too: the "fuzz" app takes ~1.3 MB at most.
+    big = httpx.post(
+        service.url + "/fuzz/v1/images/edits",
+        data={"prompt": "x"},
+        files={"image": ("big.png", b"\0" * 2_000_000, "image/png")},
+        timeout=30,
+    )
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    # Not multipart, or no image part: a 400 in OpenAI's shape that says what to send.
+    for body in ({"json": {"prompt": "x"}}, {"data": {"prompt": "x"}, "files": {"mask": b"1"}}):
+        r = httpx.post(service.url + "/v1/images/edits", timeout=30, **body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] in (None, "image") and "multipart" in err["message"], r.text

@@ -4,21 +4,36 @@ our answer becomes theirs, errors take their shape."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from deployments.guard import error_response
+from hiresfix.images import Picture
 from hiresfix.openai_api import (
     NAMED_SIZES,
+    RESULT_ID,
     SERVED_ID,
+    VARIATION_PROMPT,
+    VARIATION_STRENGTH,
+    EditRequest,
     ImageGenerationRequest,
     OpenAIError,
+    OpenAISettings,
+    ResultStore,
+    VariationRequest,
     check_model,
+    form_fields,
+    form_files,
     is_openai_path,
+    mask_from_alpha,
     model_list,
     openai_error,
+    parse_form,
     parse_size,
     to_openai,
 )
@@ -122,7 +137,7 @@ def test_hiresfix_fields_ride_along_and_win_over_presets():
         ({"size": "100x100"}, "size", "invalid_value"),
         ({"n": 5}, "n", "invalid_value"),
         ({"n": 0}, "n", "invalid_value"),
-        ({"response_format": "url"}, "response_format", "unsupported_value"),
+        ({"response_format": "link"}, "response_format", "unsupported_value"),
         ({"stream": True}, "stream", "unsupported_value"),
         ({"background": "transparent"}, "background", "unsupported_value"),
         ({"output_format": "gif"}, "output_format", "unsupported_value"),
@@ -160,8 +175,9 @@ def test_wrong_types_and_bounds_fail_validation_before_the_mapping():
 
 
 def test_refusal_messages_say_what_to_do():
-    with pytest.raises(OpenAIError, match="only b64_json"):
-        mapped(response_format="url")
+    with pytest.raises(OpenAIError, match="use b64_json .* or url"):
+        mapped(response_format="link")
+    assert mapped(response_format="url").url and not mapped(response_format="b64_json").url
     with pytest.raises(OpenAIError, match="not supported yet"):
         mapped(stream=True)
     with pytest.raises(OpenAIError, match="use 'size'"):
@@ -270,3 +286,138 @@ def test_guard_refusals_take_the_shape_of_their_path():
     status, body = _call(refusal, "/generate")
     assert status == 429 and body["error"] == "too many"
     assert body["detail"] == [{"field": "authorization", "message": "wait for one"}]
+
+
+# --- edits, variations, links -------------------------------------------------------------------
+
+
+def test_edit_form_strings_become_our_img2img_request():
+    body = EditRequest.model_validate(
+        {
+            "prompt": "a red planet",
+            "n": "2",
+            "size": "256x128",
+            "quality": "high",
+            "response_format": "url",
+            "output_format": "webp",
+            "seed": "7",
+            "strength": "0.4",
+            "hires_fix": "true",
+            "use_face_restoration": "false",
+            "model": "gpt-image-1",
+            "input_fidelity": "high",
+        }
+    )
+    m = body.to_img2img("aW1hZ2U=", "bWFzaw==")
+    r = m.request
+    assert (r.prompt, r.image, r.mask, r.num_images, r.width, r.height) == (
+        "a red planet",
+        "aW1hZ2U=",
+        "bWFzaw==",
+        2,
+        256,
+        128,
+    )
+    assert (r.seed, r.strength, r.hires_fix, r.use_face_restoration) == (7, 0.4, True, False)
+    assert (r.num_inference_steps, r.output_format, m.quality, m.url) == (30, "webp", "high", True)
+    # No size (or auto): the image's own size; the default strength of /img2img.
+    plain = EditRequest(prompt="x", size="auto").to_img2img("aW1hZ2U=", None).request
+    assert (plain.width, plain.height, plain.strength, plain.mask) == (0, 0, 0.75, None)
+
+
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"width": "64"}, "width"),
+        ({"num_images": "2"}, "num_images"),
+        ({"strenght": "0.5"}, "strenght"),
+        ({"n": "5"}, "n"),
+        ({"size": "big"}, "size"),
+        ({"size": "4096x4096"}, "size"),  # over GenerateRequest's hard bound: named as size
+        ({"response_format": "link"}, "response_format"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"stream": "true"}, "stream"),
+        ({"background": "transparent"}, "background"),
+        ({"prompt": "  "}, "prompt"),
+        ({"mask_blur": "-1"}, "mask_blur"),
+    ],
+)
+def test_edit_refusals_name_the_openai_parameter(kw, param):
+    with pytest.raises(OpenAIError) as err:
+        parse_form(EditRequest, {"prompt": "x", **kw}).to_img2img("aW1hZ2U=", None)
+    assert (err.value.status, err.value.field) == (400, param)
+
+
+def test_variation_defaults_and_overrides():
+    r = VariationRequest.model_validate({"n": "3"}).to_img2img("aW1hZ2U=").request
+    assert (r.prompt, r.strength, r.num_images, r.mask) == (
+        VARIATION_PROMPT,
+        VARIATION_STRENGTH,
+        3,
+        None,
+    )
+    own = VariationRequest.model_validate({"prompt": "a cat", "strength": "0.3"})
+    assert own.to_img2img("aW1hZ2U=").request.strength == 0.3
+    with pytest.raises(OpenAIError) as err:  # variations have no mask
+        VariationRequest.model_validate({"mask_blur": "3"}).to_img2img("aW1hZ2U=")
+    assert err.value.field == "mask_blur"
+
+
+def test_alpha_mask_becomes_white_means_repaint():
+    alpha = np.ones((4, 6), np.float32)
+    alpha[:, 3:] = 0.0  # transparent right half: edit there
+    alpha[0, 0] = 0.25
+    pic = mask_from_alpha(Picture(rgb=np.zeros((4, 6, 3), np.float32), alpha=alpha))
+    assert pic.alpha is None and pic.rgb.shape == (4, 6, 3)
+    assert np.all(pic.rgb[:, 3:] == 1.0) and np.all(pic.rgb[1:, :3] == 0.0)
+    assert np.allclose(pic.rgb[0, 0], 0.75)
+    with pytest.raises(OpenAIError) as err:
+        mask_from_alpha(Picture(rgb=np.zeros((4, 6, 3), np.float32)))
+    assert err.value.field == "mask" and "alpha" in err.value.message
+
+
+def test_form_fields_and_files():
+    up = UploadFile(io.BytesIO(b"png"), filename="a.png")
+    form = FormData(
+        [("prompt", "x"), ("n", "2"), ("seed", ""), ("image[]", up), ("image[]", up), ("mask", up)]
+    )
+    assert form_fields(form) == {"prompt": "x", "n": "2"}  # empty = the SDK's None: left out
+    assert len(form_files(form, "image", required=True)) == 2
+    assert form_files(FormData([]), "mask", required=False) == []
+    with pytest.raises(OpenAIError, match="missing"):
+        form_files(FormData([("prompt", "x")]), "image", required=True)
+    with pytest.raises(OpenAIError) as err:
+        form_files(FormData([("image", "text")]), "image", required=True)
+    assert err.value.field == "image"
+    with pytest.raises(OpenAIError) as err:
+        form_fields(FormData([("prompt", up)]))
+    assert err.value.field == "prompt"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_result_store_is_bounded_in_age_count_and_bytes():
+    clock = Clock()
+    s = OpenAISettings(results_ttl_s=10, results_max_images=3, results_max_bytes=100)
+    store = ResultStore(s, clock)
+    a, b = store.put([(b"a" * 10, "png"), (b"b" * 10, "jpeg")])
+    assert RESULT_ID.match(a) and a.endswith(".png") and b.endswith(".jpg") and a != b
+    assert store.get(a) == (b"a" * 10, "image/png", 10.0)
+    clock.now = 5.0
+    (c,) = store.put([(b"c" * 10, "webp")])
+    (d,) = store.put([(b"d" * 10, "png")])  # a fourth image: the oldest link goes early
+    assert store.get(a) is None and store.get(b)[1] == "image/jpeg" and store.get(d)[2] == 10.0
+    (e,) = store.put([(b"e" * 85, "png")])  # bytes: 30 + 85 > 100, the two oldest go
+    assert store.get(b) is None and store.get(c) is None and store.get(e) is not None
+    assert store.stats() == {"images": 2, "bytes": 95}
+    clock.now = 15.01  # d and e were put at 5: expired
+    assert store.get(d) is None and store.stats() == {"images": 0, "bytes": 0}
+    assert store.put([(b"x" * 101, "png")]) is None  # more than the store holds at all
+    assert store.put([(b"x", "png")] * 4) is None
+    assert store.get("nope") is None

@@ -32,7 +32,8 @@ from hiresfix.schemas import SEED_MAX, GenerateRequest
 from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.stages import ImageBatch
 
-StepCallback = Callable[[int, int], None]  # (step index, timestep): progress, tests, cancellation
+# (step index, timestep) -> stop early?: progress, tests, cancellation, interrupt
+StepCallback = Callable[[int, int], bool | None]
 
 # Fast (Rust) tokenizers keep padding/truncation settings on themselves and SDXL's encode_prompt
 # switches them within each call, so overlapping calls pad with each other's settings (mismatched
@@ -177,15 +178,18 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def request_pipeline(pipe, scheduler_name: str):
-    """A pipeline of the same class around the same modules with a fresh scheduler: cheap (no
-    weights are copied or moved), and nothing a call writes on it is seen by another request."""
+def request_pipeline(pipe, scheduler_name: str, cls: type | None = None):
+    """A pipeline of the same class (or `cls`: img2img, inpaint) around the same modules with a
+    fresh scheduler: cheap (no weights are copied or moved), and nothing a call writes on it is
+    seen by another request."""
+    cls = cls or type(pipe)
     scheduler = make_scheduler(scheduler_name, pipe.scheduler.config)
-    _, optional = pipe._get_signature_keys(pipe)
+    expected, optional = cls._get_signature_keys(cls)
     options = {
         k: pipe.config[k] for k in optional if k in pipe.config
     }  # force_zeros_for_empty_prompt, ...
-    per_request = type(pipe)(**{**pipe.components, "scheduler": scheduler}, **options)
+    modules = {k: v for k, v in pipe.components.items() if k in expected or k in optional}
+    per_request = cls(**{**modules, "scheduler": scheduler}, **options)
     per_request.set_progress_bar_config(disable=True)
     return per_request
 
@@ -227,8 +231,11 @@ def _diffusers_callback(on_step: StepCallback | None):
     if on_step is None:
         return None
 
-    def callback(_pipe, step_index, timestep, _kwargs):
-        on_step(int(step_index), int(timestep))
+    def callback(pipe, step_index, timestep, _kwargs):
+        if on_step(int(step_index), int(timestep)):
+            # Stop early (A1111's interrupt/skip): diffusers skips the remaining steps and
+            # decodes the latents as they are now.
+            pipe._interrupt = True
         return {}
 
     return callback

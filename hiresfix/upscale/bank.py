@@ -122,6 +122,16 @@ class UpscalerBank:
         benches."""
         return self._entries[self.resolve(name)].model
 
+    def needs_model(self, job: UpscaleJob) -> bool:
+        """Whether the job runs a network (else LANCZOS or nothing: no forward pass to share)."""
+        if not job.use_neural or not _grows(job):
+            return False
+        try:
+            entry = self._entries.get(self._job_model(job) or "")
+        except UnknownModelError:
+            return True  # upscale_jobs raises it, on the usual path
+        return entry is not None and entry.available
+
     def models_info(self) -> list[ModelInfo]:
         default = self.default_name()
         return [

@@ -1,0 +1,42 @@
+"""The pieces of a graceful stop and of stage-loss detection that need no cluster: the drain flag's
+lifetime (deployments/drain.py) and when a stage counts as gone (deployments/watch.py). The real
+thing runs in tests/test_chaos.py (SIGTERM while requests run; a lost node)."""
+
+from __future__ import annotations
+
+from deployments.drain import DrainResult, Flag
+from deployments.watch import Snapshot
+
+
+def test_a_drain_flag_ends_by_itself():
+    flag = Flag(since=100.0, until=160.0)
+    assert not flag.active(99.0) and flag.active(100.0) and flag.active(159.9)
+    assert not flag.active(160.0)  # a stop command that died does not drain forever
+
+
+def test_drain_result_says_what_happened():
+    assert DrainResult(3.2, 2, 0, False).summary() == "drained 2 ingress replicas in 3.2 s"
+    late = DrainResult(300.4, 1, 3, True).summary()
+    assert "timed out" in late and "3 requests" in late
+
+
+def test_a_stage_is_gone_only_with_no_running_replica_and_not_healthy():
+    seen = Snapshot(
+        states={"Upscaler": "UNHEALTHY", "RefineFace": "HEALTHY", "SDXLBase": "UPDATING"},
+        running={"Upscaler": 0, "RefineFace": 0, "SDXLBase": 1},
+    )
+    assert not seen.serves("Upscaler")  # its node lost, no replacement can start
+    assert seen.serves("RefineFace")  # scaled to zero on purpose: a call starts one
+    assert seen.serves("SDXLBase")
+    assert seen.serves("Unknown") and Snapshot().serves("Upscaler")  # no opinion: Serve decides
+
+
+def test_serve_run_wrapper_takes_the_address_serve_run_would(monkeypatch):
+    from deployments.serve_run import _pop_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _pop_address(["c.yaml", "--address", "local", "--x"]) == ("local", ["c.yaml", "--x"])
+    assert _pop_address(["c.yaml", "--address=h:1"]) == ("h:1", ["c.yaml"])
+    assert _pop_address(["c.yaml", "-a", "h:2"]) == ("h:2", ["c.yaml"])
+    monkeypatch.setenv("RAY_ADDRESS", "h:3")
+    assert _pop_address(["c.yaml"]) == ("h:3", ["c.yaml"])
