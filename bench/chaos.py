@@ -521,7 +521,9 @@ def redeploy_while_busy(c: Cluster, deploy, cfg: dict) -> Outcome:
 
 # ------------------------------------------------------------------ scale out, lose a node, rejoin
 UPSCALER_RESOURCE = "upscaler"  # the custom resource a node offers to host Upscaler replicas
-SDXL_RESOURCE = "sdxl"  # the head's: SDXLBase and RefineFace run there, so a batch crosses nodes
+# The head's: every other deployment (ingress included) runs there, so a batch crosses nodes and
+# losing the upscaler's node loses nothing else.
+MAIN_RESOURCE = "main"
 # How soon the head declares a silent node dead (Ray's defaults: ~15-60 s, longer on a loaded box);
 # until then a request routed to a replica on it is retried by Serve's router.
 NODE_DEATH = {
@@ -534,11 +536,11 @@ SCALED = ("Upscaler", "SDXLBase")  # what autoscaled() drives up and down
 
 def multi_node_config(cfg: dict) -> None:
     """The test config for a head plus upscaler node(s): the Upscaler runs only where a node offers
-    the `upscaler` resource, SDXLBase and RefineFace only where one offers `sdxl` (as a GPU cluster
+    the `upscaler` resource, every other deployment only where one offers `main` (as a GPU cluster
     places stages by node group); the Upscaler and SDXLBase autoscale 1..2 with short delays."""
     for d in cfg["applications"][0]["deployments"]:
-        if d["name"] == "RefineFace":
-            d.setdefault("ray_actor_options", {})["resources"] = {SDXL_RESOURCE: 1}
+        resource = {UPSCALER_RESOURCE: 1} if d["name"] == "Upscaler" else {MAIN_RESOURCE: 0.01}
+        d.setdefault("ray_actor_options", {})["resources"] = resource
         if d["name"] not in SCALED:
             continue
         d.pop("num_replicas", None)
@@ -551,8 +553,6 @@ def multi_node_config(cfg: dict) -> None:
             "look_back_period_s": 2,
             "metrics_interval_s": 0.5,
         }
-        resource = UPSCALER_RESOURCE if d["name"] == "Upscaler" else SDXL_RESOURCE
-        d.setdefault("ray_actor_options", {})["resources"] = {resource: 1}
 
 
 class Timeline:
@@ -667,7 +667,7 @@ def node_lost(c: Cluster, lose, rejoin, timeout: float = 180) -> Outcome:
 
     def probe_health_down():
         try:
-            h = httpx.get(c.url + "/health", timeout=10).json()
+            h = httpx.get(c.url + "/health", timeout=30).json()
         except (httpx.HTTPError, ValueError):
             return False, None
         return h.get("realesrgan_available") is False, None
@@ -767,7 +767,7 @@ OWN_CLUSTER = ("redeploy", "autoscale", "node")  # scenarios that need the clust
 
 
 class OwnCluster:
-    """A head offering `sdxl`, a node offering `upscaler`, and the test config deployed on them
+    """A head offering `main`, a node offering `upscaler`, and the test config deployed on them
     (multi_node_config). lose_worker()/rejoin() play the node loss; stop() ends every node."""
 
     def __init__(self, tmp: Path, gfpgan: Path | None, weights: Path):
@@ -781,7 +781,7 @@ class OwnCluster:
         self.tmp, self.code = tmp, snapshot_code(tmp)
         self.nodes = [
             RayHead.start(
-                tmp, code=self.code, resources={SDXL_RESOURCE: 3}, system_config=NODE_DEATH
+                tmp, code=self.code, resources={MAIN_RESOURCE: 1}, system_config=NODE_DEATH
             )
         ]
         self.head = self.nodes[0]

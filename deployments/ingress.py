@@ -373,10 +373,14 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
             return self._infos
         names = DEPLOYMENTS
         timeout = self.health_settings.model_info_timeout_s
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(self.stages[k].info.remote(), timeout) for k in names),
-            return_exceptions=True,
-        )
+        seen = await self.replicas.snapshot()
+
+        async def ask(k: str):  # a stage with no replica anywhere would hold /health `timeout` s
+            if not seen.serves(names[k]):
+                raise LookupError("no running replica")
+            return await asyncio.wait_for(self.stages[k].info.remote(), timeout)
+
+        answers = await asyncio.gather(*(ask(k) for k in names), return_exceptions=True)
         infos = {
             names[k]: (
                 {"info_error": "no answer from this stage"} if isinstance(a, BaseException) else a

@@ -78,10 +78,8 @@ class A1111Error(RequestError):
     """A 422 naming the A1111 field the client sent (not ours)."""
 
 
-class Txt2ImgRequest(BaseModel):
-    """The fields of A1111's StableDiffusionTxt2ImgProcessingAPI that hiresfix honours (A1111's
-    defaults). Any other field is accepted and, if it would have mattered, listed in
-    info.ignored."""
+class _GenerationFields(BaseModel):
+    """The fields txt2img and img2img share, with A1111's defaults."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -99,6 +97,13 @@ class Txt2ImgRequest(BaseModel):
     width: int = 512
     height: int = 512
     restore_faces: bool = False
+
+
+class Txt2ImgRequest(_GenerationFields):
+    """The fields of A1111's StableDiffusionTxt2ImgProcessingAPI that hiresfix honours (A1111's
+    defaults). Any other field is accepted and, if it would have mattered, listed in
+    info.ignored."""
+
     enable_hr: bool = False
     denoising_strength: float | None = Field(
         None, description="Hires strength; null = 0.7 as in A1111."
@@ -211,7 +216,7 @@ def _matters(value) -> bool:
     return True
 
 
-def _shared_fields(req: Txt2ImgRequest | Img2ImgA1111Request, extra: dict) -> dict:
+def _shared_fields(req: _GenerationFields, extra: dict) -> dict:
     """The fields txt2img and img2img map the same way, in our names."""
     sampler = req.sampler_name or extra.get("sampler_index")  # the older name of the same field
     return dict(
@@ -488,12 +493,10 @@ IMG2IMG_FIELD = {
 }
 
 
-class Img2ImgA1111Request(BaseModel):
+class Img2ImgA1111Request(_GenerationFields):
     """The fields of A1111's StableDiffusionImg2ImgProcessingAPI that hiresfix honours (A1111's
     defaults). A1111's img2img has no hires fix: enable_hr and the hr_* fields are reported in
     info.ignored like any other field it cannot honour."""
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     init_images: list[str] | None = Field(
         None, description="Base64 images; the first is used (one init image per request)."
@@ -513,18 +516,6 @@ class Img2ImgA1111Request(BaseModel):
     include_init_images: bool = Field(
         False, description="Echo init_images and mask back in `parameters`."
     )
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = Field(-1, description="-1 = random.")
-    sampler_name: str | None = None
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    restore_faces: bool = False
 
     def to_img2img(self, upscalers: list[str]) -> tuple[Img2ImgRequest, list[str]]:
         """Our request, plus notes on what was not honoured. Raises A1111Error naming the A1111

@@ -134,14 +134,16 @@ def test_config_redeploy_while_requests_run_cuts_none(cluster):
 
 
 def test_stages_run_on_the_nodes_their_resources_name(own):
-    """The Upscaler runs only on the node offering the `upscaler` resource, SDXLBase only on the
-    head (`sdxl`): a hires request crosses nodes (the batch goes base -> upscaler -> refine as
-    object references between replicas, never through the ingress) and uses the neural upscaler."""
+    """The Upscaler runs only on the node offering the `upscaler` resource, every other stage only
+    on the head (`main`): a hires request crosses nodes (the batch goes base -> upscaler ->
+    refine as object references between replicas, never through the ingress) and uses the neural
+    upscaler."""
     c = chaos.Cluster(own.app.url, own.head.address)
     placed = c.nodes_of(("Upscaler", "SDXLBase", "RefineFace", "Ingress"))
     workers = c.nodes_with(chaos.UPSCALER_RESOURCE)
     assert len(workers) == 1 and placed["Upscaler"] == workers, (placed, workers)
-    assert placed["SDXLBase"] and not workers & placed["SDXLBase"], placed
+    others = placed["SDXLBase"] | placed["RefineFace"] | placed["Ingress"]
+    assert placed["SDXLBase"] and not workers & others, placed
     a = chaos.send(c.url, "hires", "/generate", {**chaos.hires_body(96, 4, 4)}, timeout=120)
     assert a.status == 200 and a.body["upscaler_used"] == chaos.UPSCALER_MODEL, a.short()
 
