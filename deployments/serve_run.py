@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
 
     timeout_s = float(os.environ.get("HIRESFIX_STOP_TIMEOUT", "300"))
 
-    drained = threading.Event()
+    started, drained = threading.Event(), threading.Event()
 
     def drain_then_interrupt() -> None:
         import ray
@@ -43,7 +43,8 @@ def main(argv: list[str]) -> None:
         # The drain calls Ray: not from a signal handler, which may run inside a Ray call of the
         # main thread (a re-entrant call aborts the process). A thread does it, then interrupts.
         # Signals meanwhile (a second Ctrl-C) do not cut it.
-        if not any(t.name == "hiresfix-drain" for t in threading.enumerate()):
+        if not started.is_set():
+            started.set()
             threading.Thread(
                 target=drain_then_interrupt, name="hiresfix-drain", daemon=True
             ).start()
