@@ -323,8 +323,13 @@ async def run_load(
 
 
 async def run_burst(url: str, n: int, route: str = "generate256", timeout: float = 120.0) -> dict:
-    """`n` requests released at the same instant; latency = time from that instant to the answer."""
+    """`n` requests released at the same instant; latency = time from that instant to the answer.
+    `route` may list several ("generate256,refused"): request i takes the (i mod k)-th, so each
+    route's figures are measured under the very same burst (a reference in the same run)."""
     check_loopback(url)
+    routes = [r.strip() for r in route.split(",") if r.strip()]
+    for r in routes:
+        request_for(r, 0, "")  # an unknown route fails here, before the burst
     url = url.rstrip("/")
     png = small_png_b64()
     go = asyncio.Event()
@@ -332,7 +337,7 @@ async def run_burst(url: str, n: int, route: str = "generate256", timeout: float
 
     async def one(i: int, http: httpx.AsyncClient) -> Result:
         await go.wait()
-        return await send(http, url, route, 7_000_000 + i, png, t0=t0[0])
+        return await send(http, url, routes[i % len(routes)], 7_000_000 + i, png, t0=t0[0])
 
     async with _client(n, timeout) as http:
         tasks = [asyncio.create_task(one(i, http)) for i in range(n)]
@@ -601,8 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--burst-route",
         default="generate256",
-        choices=(*ROUTES, "refused"),
-        help="refused: a body the ingress answers with 422 itself (the serving stack's floor)",
+        help=(
+            f"one of {', '.join((*ROUTES, 'refused'))}, or several, comma-separated, interleaved;"
+            " refused: a body the ingress answers with 422 itself (the serving stack's floor)"
+        ),
     )
     ap.add_argument(
         "--timeout",
@@ -622,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_loopback(args.url)
         parse_mix(args.mix)
+        for r in args.burst_route.split(","):
+            request_for(r.strip(), 0, "")
     except ValueError as exc:
         ap.error(str(exc))
     if args.clients > 2000 or args.burst > 2000:

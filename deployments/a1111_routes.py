@@ -102,11 +102,11 @@ class A1111Routes:
     async def a1111_progress(
         self,
         request: Request,
-        skip_current_image: bool = Query(False, description="A1111's flag; no previews here."),
+        skip_current_image: bool = Query(False, description="Leave current_image out."),
     ) -> ProgressResponse:
         """The caller's running A1111 job (its latest), in A1111's shape; idle: progress 0."""
         tag = caller_tag(request.headers.get("authorization"))
-        return progress_response(await self.tracker.current(tag))
+        return progress_response(await self.tracker.current(tag, not skip_current_image))
 
     @api.post("/sdapi/v1/interrupt", response_model=SignalResponse, responses=SIGNAL_ERRORS)
     async def a1111_interrupt(self, request: Request) -> SignalResponse:

@@ -9,9 +9,11 @@ from deployments import metrics
 from deployments.cancel import run_cancellable
 from deployments.progress import Reporter
 from hiresfix.images import Picture
+from hiresfix.schedule import hires_steps_run
 from hiresfix.schemas import GenerateRequest, Img2ImgRequest
 from hiresfix.sdxl import BaseStage, SDXLSettings, load_base_pipeline
 from hiresfix.sdxl.img2img import Img2ImgStage
+from hiresfix.sdxl.preview import preview_steps, render_preview
 from hiresfix.stages import ImageBatch
 
 
@@ -31,7 +33,12 @@ class SDXLBase:
         batch = await run_cancellable(
             lambda on_step: self.stage.run(req, on_step=on_step),
             "generate",
-            self.progress.stepper(request_id, "base"),
+            self.progress.stepper(
+                request_id,
+                "base",
+                preview_steps(req.previews, req.num_inference_steps),
+                render_preview,
+            ),
         )
         batch.request_id = request_id  # travels with the pictures: later stages report under it
         metrics.record_gpu_memory("base")
@@ -42,10 +49,16 @@ class SDXLBase:
     ) -> ImageBatch:
         """POST /img2img (inpainting with `mask`) on the base model: a separate refiner, when one
         is configured, is trained for the last denoising steps only."""
+        runs = hires_steps_run(req.num_inference_steps, 0, req.strength)  # of the schedule
         return await run_cancellable(
             lambda on_step: self.img2img_stage.run(batch, req, size, mask, on_step=on_step),
             "img2img",
-            self.progress.stepper(batch.request_id, "img2img"),
+            self.progress.stepper(
+                batch.request_id,
+                "img2img",
+                preview_steps(req.previews, runs),
+                render_preview,
+            ),
         )
 
     def info(self) -> dict:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("hiresfix.serve")
@@ -23,18 +23,18 @@ class RequestCancelled(Exception):
 
 
 async def run_cancellable(
-    work: Callable[[Callable[[int, int], None]], T],
+    work: Callable[[Callable[..., bool]], T],
     what: str,
-    progress: Callable[[int], bool | None] | None = None,
+    progress: Callable[[int, Any], bool | None] | None = None,
 ) -> T:
-    """`progress(steps_done)` is called from the worker thread after each step; when it answers
-    True (an A1111 interrupt or skip), the model code stops early and keeps what it has."""
+    """`progress(steps_done, latents)` is called from the worker thread after each step; when it
+    answers True (an A1111 interrupt or skip), the model code stops early and keeps what it has."""
     stop = threading.Event()
     steps = [0]
 
-    def on_step(step: int, _timestep: int) -> bool:
+    def on_step(step: int, _timestep: int, latents: Any = None) -> bool:
         steps[0] = step + 1
-        early = progress(steps[0]) if progress is not None else False
+        early = progress(steps[0], latents) if progress is not None else False
         if stop.is_set():
             raise RequestCancelled(f"{what} cancelled at step {steps[0]}")
         return bool(early)

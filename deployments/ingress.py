@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -169,8 +169,14 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
         return await self._answer(batch, binary or req.output_format, t0, rid, binary is not None)
 
     @api.get("/progress/{request_id}", response_model=ProgressInfo, responses=PROGRESS_ERRORS)
-    async def progress_of(self, request_id: str) -> ProgressInfo:
-        return await self.tracker.read(request_id)
+    async def progress_of(
+        self,
+        request_id: str,
+        preview: bool = Query(
+            False, description="With the latest preview of the running pass (send `previews`)."
+        ),
+    ) -> ProgressInfo:
+        return await self.tracker.read(request_id, preview)
 
     # --- the stage chain ---
     async def _generate(

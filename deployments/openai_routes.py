@@ -11,13 +11,15 @@ deployments/http.py (error_shape_for) and deployments/guard.py.
 # No `from __future__ import annotations`: FastAPI must see real types on the route methods.
 import asyncio
 import base64
+import logging
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from deployments.http import api, json_answer, request_id
-from hiresfix.images import encode_b64, encode_image
+from hiresfix.images import decode_image, encode_b64, encode_image
 from hiresfix.openai_api import (
     MEDIA_TYPES,
     RESULT_ID,
@@ -38,14 +40,26 @@ from hiresfix.openai_api import (
     openai_error_docs,
     parse_form,
     result_missing,
+    stream_error,
+    stream_event,
     to_openai,
     too_big_for_links,
 )
 from hiresfix.schemas import RequestError
 from hiresfix.stages import ImageBatch
+from hiresfix.upscale.resample import resize_picture
 
 GENERATIONS_ERRORS = openai_error_docs(400, 401, 404, 408, 409, 413, 429, 500, 503)
 IMAGE_FORM_ERRORS = GENERATIONS_ERRORS
+GENERATIONS_DOC = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON (ImagesResponse); with `stream: true`, server-sent events:"
+        " image_generation.partial_image, image_generation.completed, or error (a failure after"
+        " the stream began, in OpenAI's error shape).",
+    },
+    **GENERATIONS_ERRORS,
+}
 MODELS_ERRORS = openai_error_docs(401, 500)
 RESULT_ERRORS = {
     200: {
@@ -71,12 +85,14 @@ _MASK_DOC = (
     " (resized like the image)."
 )
 STORE_TIMEOUT_S = 30.0  # a put or get of a few MB on the Progress replica
+STREAM_POLL_S = 0.1  # how often a stream looks for new previews (a board read each time)
+log = logging.getLogger("hiresfix.openai")
 
 
 class OpenAIRoutes:
     """Mixed into the Ingress (deployments/ingress.py)."""
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=GENERATIONS_ERRORS)
+    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=GENERATIONS_DOC)
     async def openai_generations(self, body: ImageGenerationRequest, request: Request) -> Response:
         """OpenAI's `images.generate`. hiresfix's /generate fields are accepted beside OpenAI's
         (the SDK's `extra_body`)."""
@@ -84,15 +100,98 @@ class OpenAIRoutes:
             check_model(body.model, await self._sdxl_source())
         mapped = body.to_generate(self.limits.max_side)
         rid, t0 = request_id(request), time.perf_counter()
-        req = mapped.request
+        if mapped.stream:
+            run = asyncio.ensure_future(self._openai_generate(mapped, rid))
+            return await self._openai_stream(run, mapped, rid, t0)
+        batch = await self._openai_generate(mapped, rid)
+        return await self._openai_answer(batch, mapped, t0, rid, request)
+
+    async def _openai_generate(self, mapped: Mapped, rid: str) -> ImageBatch:
         try:
-            batch = await self._generate(req, rid)
+            return await self._generate(mapped.request, rid)
         except RequestError as exc:  # a limit on a field the client spelled size or n
             if exc.field in ("width", "height", "hires_width", "hires_height", "hires_scale"):
                 exc.message = f"{mapped.size[0]}x{mapped.size[1]}: {exc.message}"
                 exc.field = "size"
             raise
-        return await self._openai_answer(batch, mapped, t0, rid, request)
+
+    async def _openai_stream(
+        self, run: asyncio.Future, mapped: Mapped, rid: str, t0: float
+    ) -> Response:
+        """`stream: true`. The 200 and its event stream begin once the request runs on a replica:
+        until then a refusal (a 4xx, a 503 with Retry-After) is answered as without stream."""
+        try:
+            while not run.done() and not await self._running(rid):
+                await asyncio.wait({run}, timeout=STREAM_POLL_S)
+            if run.done():
+                run.result()  # raises the refusal
+        except BaseException:
+            run.cancel()
+            raise
+        headers = {"x-request-id": rid, "cache-control": "no-cache"}
+        events = self._stream_events(run, mapped, rid, t0)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _running(self, rid: str) -> bool:
+        """Has a stage reported a step of this request? (The board unavailable: go ahead.)"""
+        try:
+            return (await self.tracker.read(rid)).stage is not None
+        except RequestError as exc:
+            return exc.status != 404  # 404: not begun yet
+
+    async def _stream_events(
+        self, run: asyncio.Future, mapped: Mapped, rid: str, t0: float
+    ) -> AsyncIterator[bytes]:
+        """partial_image events as the board receives previews, then one completed event per
+        image. A client that goes away cancels the request, as without stream."""
+        req, sent = mapped.request, 0
+        fmt = req.output_format
+        try:
+            while True:
+                await asyncio.wait({run}, timeout=STREAM_POLL_S)
+                if sent < req.previews:
+                    for png in await self._previews(rid, sent):
+                        if sent == req.previews:
+                            break
+                        b64, size = await asyncio.to_thread(self._partial, png, mapped.size, fmt)
+                        yield stream_event(
+                            "partial_image", b64, mapped, fmt, size, partial_image_index=sent
+                        )
+                        sent += 1
+                if run.done():
+                    break
+            batch = run.result()
+            answer = await self._encode(batch, fmt, t0, rid)
+            for b64 in answer.images or [answer.image]:
+                yield stream_event("completed", b64, mapped, fmt, f"{answer.width}x{answer.height}")
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+        except RequestError as exc:  # after the 200: an error event, in OpenAI's shape
+            yield stream_error(exc.status, exc.field, exc.message, getattr(exc, "code", None))
+        except Exception:  # noqa: BLE001 - the detail goes to the log, never to the client
+            log.error("request %s failed while streaming", rid, exc_info=True)
+            yield stream_error(
+                500,
+                "body",
+                "the service failed on this request; its log holds the detail under request id"
+                f" {rid}",
+            )
+
+    async def _previews(self, rid: str, start: int) -> list[bytes]:
+        try:
+            call = self.tracker.handle.previews.remote(rid, start)
+            return await asyncio.wait_for(call, timeout=STORE_TIMEOUT_S) or []
+        except Exception:  # noqa: BLE001 - a lost board costs previews, never the image
+            return []
+
+    def _partial(self, png: bytes, size: tuple[int, int], fmt: str) -> tuple[str, str]:
+        """A preview (latent size: 1/8) at the requested size (0, 0: 8x), in the requested
+        format; and that size as WxH."""
+        pic = decode_image(base64.b64encode(png).decode())
+        size = size if all(size) else (pic.width * 8, pic.height * 8)
+        pic = resize_picture(pic, size)
+        return encode_b64(pic, fmt, png_level=self.png_level), f"{size[0]}x{size[1]}"
 
     @api.post(
         "/v1/images/edits",
@@ -177,13 +276,19 @@ class OpenAIRoutes:
     async def _openai_img2img(
         self, mapped: Mapped, rid: str, t0: float, request: Request
     ) -> Response:
+        if mapped.stream:
+            run = asyncio.ensure_future(self._openai_img2img_batch(mapped, rid, t0))
+            return await self._openai_stream(run, mapped, rid, t0)
+        batch = await self._openai_img2img_batch(mapped, rid, t0)
+        return await self._openai_answer(batch, mapped, t0, rid, request)
+
+    async def _openai_img2img_batch(self, mapped: Mapped, rid: str, t0: float) -> ImageBatch:
         try:
-            batch = await self._img2img(mapped.request, rid, t0)
+            return await self._img2img(mapped.request, rid, t0)
         except RequestError as exc:  # our size fields, which the client spelled size
             if exc.field in ("width", "height"):
                 exc.field = "size"
             raise
-        return await self._openai_answer(batch, mapped, t0, rid, request)
 
     async def _openai_answer(
         self, batch: ImageBatch, mapped: Mapped, t0: float, rid: str, request: Request

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -48,14 +49,20 @@ class Progress:
     def signal(self, tag: str, kind: str) -> list[str]:
         return self.board.signal(tag, kind)
 
-    def current(self, tag: str) -> ProgressInfo | None:
-        return self.board.current(tag)
+    def show(self, request_id: str, png: bytes) -> None:
+        self.board.show(request_id, png)
+
+    def previews(self, request_id: str, start: int = 0) -> list[bytes] | None:
+        return self.board.previews(request_id, start)
+
+    def current(self, tag: str, preview: bool = False) -> ProgressInfo | None:
+        return self.board.current(tag, preview)
 
     def end(self, request_id: str, state: str, detail: str | None = None) -> None:
         self.board.end(request_id, state, detail)
 
-    def get(self, request_id: str) -> ProgressInfo | None:
-        return self.board.get(request_id)
+    def get(self, request_id: str, preview: bool = False) -> ProgressInfo | None:
+        return self.board.get(request_id, preview)
 
 
 class Tracker:
@@ -108,10 +115,10 @@ class Tracker:
             raise
         self._end(request_id, "done")
 
-    async def read(self, request_id: str) -> ProgressInfo:
+    async def read(self, request_id: str, preview: bool = False) -> ProgressInfo:
         try:
             info = await asyncio.wait_for(
-                self.handle.get.remote(request_id), timeout=self.settings.read_timeout_s
+                self.handle.get.remote(request_id, preview), timeout=self.settings.read_timeout_s
             )
         except Exception:  # noqa: BLE001
             log.warning("progress read failed for %s", request_id, exc_info=True)
@@ -131,9 +138,9 @@ class Tracker:
             )
         return info
 
-    async def current(self, tag: str) -> ProgressInfo | None:
+    async def current(self, tag: str, preview: bool = False) -> ProgressInfo | None:
         """A1111's progress: the caller's latest running request (None when idle)."""
-        return await self._ask(self.handle.current.remote(tag), "progress")
+        return await self._ask(self.handle.current.remote(tag, preview), "progress")
 
     async def signal(self, tag: str, kind: str) -> list[str]:
         """A1111's interrupt / skip of the caller's running requests: the ids flagged."""
@@ -189,13 +196,35 @@ class Reporter:
             while len(self.signals) > 1000:
                 self.signals.popitem(last=False)
 
-    def stepper(self, request_id: str | None, stage: str) -> Callable[[int], bool]:
-        """A per-step callback for a worker thread: hops to the event loop, throttled. Answers
-        True once an interrupt or skip reached this replica: the pass stops early."""
-        loop, last = asyncio.get_running_loop(), [0.0]
+    def show(self, request_id: str, png: bytes) -> None:
+        """A preview for the board; call on the replica's event loop. Fire and forget."""
+        try:
+            self.handle.show.remote(request_id, png)
+        except Exception:  # noqa: BLE001 - progress must never fail a request
+            log.debug("preview not sent", exc_info=True)
 
-        def on_step(steps_done: int) -> bool:
+    def stepper(
+        self,
+        request_id: str | None,
+        stage: str,
+        preview_at: frozenset[int] = frozenset(),
+        render: Callable[[Any], bytes] | None = None,
+    ) -> Callable[[int, Any], bool]:
+        """A per-step callback for a worker thread: hops to the event loop, throttled. Answers
+        True once an interrupt or skip reached this replica: the pass stops early. After the
+        steps in `preview_at` it also sends `render(latents)` (a preview PNG) to the board."""
+        loop, last = asyncio.get_running_loop(), [0.0]
+        previews = self.handle is not None and request_id is not None and render is not None
+
+        def on_step(steps_done: int, latents: Any = None) -> bool:
             now = time.monotonic()
+            if previews and latents is not None and steps_done in preview_at:
+                try:
+                    png = render(latents)  # in this worker thread: the event loop stays free
+                except Exception:  # noqa: BLE001 - a preview must never fail a request
+                    log.warning("preview of %s failed", request_id, exc_info=True)
+                else:
+                    loop.call_soon_threadsafe(self.show, request_id, png)
             if now - last[0] >= self.min_interval_s:
                 last[0] = now
                 loop.call_soon_threadsafe(self.mark, request_id, stage, steps_done)

@@ -216,6 +216,9 @@ def _matters(value) -> bool:
     return True
 
 
+PREVIEW_EVERY_N_STEPS = 10
+
+
 def _shared_fields(req: _GenerationFields, extra: dict) -> dict:
     """The fields txt2img and img2img map the same way, in our names."""
     sampler = req.sampler_name or extra.get("sampler_index")  # the older name of the same field
@@ -230,6 +233,9 @@ def _shared_fields(req: _GenerationFields, extra: dict) -> dict:
         scheduler=_sampler("sampler_name", sampler, req.scheduler) or "euler",
         num_images=req.batch_size * req.n_iter,
         use_face_restoration=req.restore_faces,
+        # A1111 shows a live preview every show_progress_every_n_steps (10 by default): here one
+        # per 10 steps, at least one, for /sdapi/v1/progress's current_image.
+        previews=min(10, max(1, req.steps // PREVIEW_EVERY_N_STEPS)),
     )
 
 
@@ -782,7 +788,11 @@ class ProgressResponse(BaseModel):
     eta_relative: float = Field(..., description="Seconds left (0 when idle).")
     state: dict = Field(..., description="A1111's shared.state snapshot keys.")
     current_image: str | None = Field(
-        None, description="Base64 preview; null: hiresfix keeps no previews of a running job."
+        None,
+        description=(
+            "Base64 PNG preview of the running pass (one per 10 steps, drawn from the latents);"
+            " null before the first, or with skip_current_image."
+        ),
     )
     textinfo: str | None = None
 
@@ -816,6 +826,7 @@ def progress_response(info: ProgressInfo | None) -> ProgressResponse:
         progress=info.progress,
         eta_relative=info.eta_s or 0.0,
         state=state,
+        current_image=info.preview,
         textinfo=text,
     )
 

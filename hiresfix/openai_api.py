@@ -39,6 +39,8 @@ by the Progress deployment's one replica, so every ingress replica serves every 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 import secrets
@@ -78,6 +80,7 @@ OPENAI_PARAM = {
     "hires_width": "size",
     "hires_height": "size",
     "num_images": "n",
+    "previews": "partial_images",
 }
 # What each status means on /v1/*, for the OpenAPI document.
 OPENAI_ERRORS: dict[int | str, str] = {
@@ -248,6 +251,7 @@ RENAMED = {
     "hires_width": "size",
     "hires_height": "size",
     "num_images": "n",
+    "previews": "partial_images",
 }
 _NOT_KNOBS = {"prompt", "output_format", *RENAMED}
 
@@ -290,8 +294,15 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
     output_format: str | None = Field(None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(None, description="Accepted, ignored.")
     background: str | None = Field(None, description="opaque or auto; transparent is refused.")
-    stream: bool | None = Field(None, description="Streaming is not supported yet.")
-    partial_images: int | None = Field(None, description="Only with stream; ignored.")
+    stream: bool | None = Field(
+        None,
+        description="Server-sent events: `partial_images` image_generation.partial_image events"
+        " (previews of the denoising, drawn from its latents), then one"
+        " image_generation.completed per image.",
+    )
+    partial_images: int | None = Field(
+        None, description="0-3 previews while streaming (default 0); ignored without stream."
+    )
     style: str | None = Field(None, description="DALL-E 3's vivid/natural; ignored.")
     moderation: str | None = Field(None, description="Ignored.")
     user: str | None = Field(None, description="Ignored.")
@@ -319,6 +330,8 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
         if fields["hires_fix"] and hires is None:  # the preset's strength, unless given
             fields["denoising_strength"] = preset.denoising_strength
         fields.update({k: v for k, v in knobs.items() if k != "hires_fix"})  # validated below
+        if self.stream:
+            fields["previews"] = self.partial_images or 0
         if fields["num_images"] > 4:
             raise OpenAIError("n", f"at most 4 images per request here (got {self.n})")
         try:
@@ -329,7 +342,9 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
             raise OpenAIError(
                 OPENAI_PARAM.get(ours, ours), err["msg"].removeprefix("Value error, ")
             ) from None
-        return Mapped(req, (width, height), preset.name, self.response_format == "url")
+        return Mapped(
+            req, (width, height), preset.name, self.response_format == "url", bool(self.stream)
+        )
 
 
 @dataclass(frozen=True)
@@ -338,6 +353,8 @@ class Mapped:
     size: tuple[int, int]  # (0, 0): the input image's own size (edits and variations)
     quality: str
     url: bool = False  # response_format url: links to the result store, not base64
+    stream: bool = False  # server-sent events
+    family: str = "image_generation"  # the events' type prefix (edits: image_edit)
 
 
 def _refuse_unsupported(body: ImageGenerationRequest) -> None:
@@ -352,16 +369,53 @@ def _refuse_unsupported(body: ImageGenerationRequest) -> None:
             code="unknown_parameter",
         )
     _check_answer_fields(body)
-    if body.stream:
-        raise OpenAIError(
-            "stream",
-            "streaming is not supported yet: send stream false (or leave it out)",
-            code="unsupported_value",
-        )
+    _check_stream(body)
     if body.background not in (None, "auto", "opaque"):
         raise OpenAIError(
             "background",
             f"{body.background!r} is not supported: SDXL draws opaque pictures; use opaque or auto",
+            code="unsupported_value",
+        )
+
+
+# --- streaming (stream: true): OpenAI's server-sent events ---------------------------------------
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+def stream_event(kind: str, b64: str, mapped: Mapped, fmt: str, size: str, **extra) -> bytes:
+    """One server-sent event: `partial_image` (with partial_image_index) or `completed`, the
+    fields of the SDK's ImageGen*Event / ImageEdit*Event. No usage: there are no tokens to count
+    here."""
+    data = {
+        "type": f"{mapped.family}.{kind}",
+        "b64_json": b64,
+        "created_at": int(time.time()),
+        "size": size,
+        "quality": mapped.quality,
+        "background": "opaque",
+        "output_format": fmt,
+        **extra,
+    }
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def stream_error(status: int, field: str, message: str, code: str | None = None) -> bytes:
+    """A failure after the stream began (its 200 is sent): the SDK raises APIError on it."""
+    _, body = openai_error(status, field, message, code)
+    data = {"type": "error", **body}
+    return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _check_stream(body: ImageGenerationRequest | EditRequest) -> None:
+    if body.partial_images is not None and not 0 <= body.partial_images <= MAX_PARTIAL_IMAGES:
+        raise OpenAIError(
+            "partial_images",
+            f"must be between 0 and {MAX_PARTIAL_IMAGES} (got {body.partial_images})",
+        )
+    if body.stream and body.response_format == "url":
+        raise OpenAIError(
+            "response_format",
+            "a stream carries the images themselves: leave response_format out (or b64_json)",
             code="unsupported_value",
         )
 
@@ -599,18 +653,19 @@ class EditRequest(_ImageForm, _EditKnobs):  # type: ignore[misc,valid-type]  # b
     output_compression: int | None = Field(None, description="Accepted, ignored.")
     background: str | None = Field(None, description="opaque or auto; transparent is refused.")
     input_fidelity: str | None = Field(None, description="Ignored: `strength` says how much.")
-    stream: bool | None = Field(None, description="Streaming is not supported yet.")
-    partial_images: int | None = Field(None, description="Only with stream; ignored.")
+    stream: bool | None = Field(
+        None,
+        description="Server-sent events: image_edit.partial_image previews, then"
+        " image_edit.completed per image.",
+    )
+    partial_images: int | None = Field(
+        None, description="0-3 previews while streaming (default 0); ignored without stream."
+    )
 
     def to_img2img(self, image: str, mask: str | None) -> Mapped:
         """Our request from the form and the files (base64; the mask already in /img2img's
         white-means-repaint convention: mask_from_alpha)."""
-        if self.stream:
-            raise OpenAIError(
-                "stream",
-                "streaming is not supported yet: send stream false (or leave it out)",
-                code="unsupported_value",
-            )
+        _check_stream(self)
         if self.background not in (None, "auto", "opaque"):
             raise OpenAIError(
                 "background",
@@ -624,7 +679,10 @@ class EditRequest(_ImageForm, _EditKnobs):  # type: ignore[misc,valid-type]  # b
             "mask": mask,
             "num_inference_steps": preset.steps,
         }
-        return self._mapped(fields, set(_EditKnobs.model_fields), preset.name)
+        if self.stream:
+            fields["previews"] = self.partial_images or 0
+        mapped = self._mapped(fields, set(_EditKnobs.model_fields), preset.name)
+        return dataclasses.replace(mapped, stream=bool(self.stream), family="image_edit")
 
 
 class VariationRequest(_ImageForm, _VariationKnobs):  # type: ignore[misc,valid-type]

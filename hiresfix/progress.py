@@ -9,6 +9,7 @@ Ray-free: the Progress deployment only wraps a ProgressBoard.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from hiresfix.schemas import ProgressInfo
+
+MAX_PREVIEWS = 10  # GenerateRequest.previews' bound
+PREVIEW_KEEP_S = 30.0  # a finished request's previews are read by then (a stream's last ones)
 
 
 class ProgressSettings(BaseModel):
@@ -54,6 +58,7 @@ class _Entry:
     finished: float | None = None
     tag: str | None = None  # who started it, for A1111's caller-wide progress and interrupt
     signal: str | None = None  # "interrupt" or "skip", handed to the stage at its next report
+    previews: list[bytes] = field(default_factory=list)  # PNGs, at most the request's `previews`
 
 
 class ProgressBoard:
@@ -98,6 +103,13 @@ class ProgressBoard:
                 e.signal = None
             return signal
 
+    def show(self, request_id: str, png: bytes) -> None:
+        """A stage's preview of the running pass: only the latest is kept."""
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is not None and e.state == "running" and len(e.previews) < MAX_PREVIEWS:
+                e.previews.append(png)
+
     def signal(self, tag: str, kind: str) -> list[str]:
         """A1111's interrupt / skip: flag every running request of `tag`; the stages stop early
         at their next report. Returns the ids flagged."""
@@ -108,11 +120,11 @@ class ProgressBoard:
                     self._entries[r].signal = kind
             return ids
 
-    def current(self, tag: str) -> ProgressInfo | None:
+    def current(self, tag: str, preview: bool = False) -> ProgressInfo | None:
         """The latest running request of `tag` (A1111's single 'current job'), or None."""
         with self._lock:
             ids = [r for r, e in self._entries.items() if e.tag == tag and e.state == "running"]
-        return self.get(ids[-1]) if ids else None
+        return self.get(ids[-1], preview) if ids else None
 
     def end(self, request_id: str, state: str, detail: str | None = None) -> None:
         with self._lock:
@@ -123,7 +135,8 @@ class ProgressBoard:
             if state == "done":
                 e.done = dict(e.plan)
 
-    def get(self, request_id: str) -> ProgressInfo | None:
+    def get(self, request_id: str, preview: bool = False) -> ProgressInfo | None:
+        """`preview`: with the latest preview, base64."""
         with self._lock:
             self._evict()
             e = self._entries.get(request_id)
@@ -152,10 +165,24 @@ class ProgressBoard:
                 plan=dict(e.plan),
                 detail=e.detail,
                 signal=e.signal,
+                previews=len(e.previews),
+                preview=base64.b64encode(e.previews[-1]).decode()
+                if preview and e.previews
+                else None,
             )
+
+    def previews(self, request_id: str, start: int = 0) -> list[bytes] | None:
+        """The request's previews from the `start`-th on (OpenAI's partial images); None when the
+        request is unknown."""
+        with self._lock:
+            e = self._entries.get(request_id)
+            return None if e is None else e.previews[start:]
 
     def _evict(self) -> None:
         now = self.clock()
+        for e in self._entries.values():  # previews are for watching a request run: drop them soon
+            if e.finished is not None and e.previews and now - e.finished > PREVIEW_KEEP_S:
+                e.previews = []
         for rid in [
             r
             for r, e in self._entries.items()

@@ -8,6 +8,7 @@ record `not_installed` rather than fail.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -89,6 +90,30 @@ def pick_dtype(
     else:
         name, note = "fp32", f"{model} does not support {setting}; running fp32"
     return torch_dtype(name), note
+
+
+def yield_cpu(nice: int) -> int:
+    """Raise every thread of this process to at least `nice` (Linux niceness is per thread; threads
+    started later inherit it). On a CPU-only host the model's threads then give way to the HTTP path
+    (proxy, ingress), so refusals and /health stay fast while inference fills every core. Returns
+    the niceness reached; never raises (an unprivileged process can only go up, and may not even
+    read another thread's value)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]  # no /proc: this thread only
+    reached = 0
+    for tid in tids:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            if now < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            reached = max(reached, os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # the thread ended meanwhile, or we may not touch it
+            continue
+    return reached
 
 
 def is_oom(exc: BaseException) -> bool:

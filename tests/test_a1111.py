@@ -575,7 +575,14 @@ def test_progress_and_interrupt_end_the_job_early_with_its_picture(service):
     p = _wait_running(service, "/sdapi/v1/progress", out, min_step=2)
     assert p["state"]["job"] == rid and p["state"]["sampling_steps"] == STEPS
     assert 0 < p["progress"] < 1 and p["eta_relative"] > 0 and p["textinfo"].startswith("base ")
-    assert p["current_image"] is None
+    # A live preview every 10 steps (A1111's default), drawn from the latents at 1/8 size.
+    while p["current_image"] is None and "r" not in out:
+        time.sleep(0.05)
+        p = ok(call(service, "GET", "/sdapi/v1/progress"))
+    assert p["current_image"], "no current_image while the job ran"
+    assert pixels(p["current_image"]).shape == (384 // 8, 384 // 8, 3)
+    bare = ok(call(service, "GET", "/sdapi/v1/progress?skip_current_image=true"))
+    assert bare["current_image"] is None and bare["state"]["job"] == rid
     t_signal = time.perf_counter()
     assert ok(call(service, "POST", "/sdapi/v1/interrupt"))["requests"] == [rid]
     t.join(300)

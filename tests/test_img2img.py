@@ -163,7 +163,7 @@ def test_a_step_callback_answering_true_stops_the_pass_early(img2img_stage):
     batch = ImageBatch([Picture.from_pil(Image.fromarray(photo(64)))], [None])
     seen = []
 
-    def stop_after_two(done: int) -> bool:
+    def stop_after_two(done: int, _latents) -> bool:
         seen.append(done)
         return done >= 2
 

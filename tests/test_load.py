@@ -17,9 +17,13 @@ pytestmark = pytest.mark.serve
 
 LOAD_SECONDS = 15
 LOAD_TIMEOUT_S = 60  # a request not answered within this is a hang
-BURST = 300  # far beyond every queue of the test config (largest: Ingress 64 + 128)
+BURST = 300  # half /generate: far beyond every queue of the test config (SDXLBase 2 + 8, 24 held)
 BURST_TIMEOUT_S = 90
 FAST_503_S = 1.0  # "503s within a second", on top of what this client itself adds (baseline)
+# ... and of what the serving stack adds: a refused /generate does a little more in the ingress
+# than a 422 (its stage calls are made, then rejected), which grows with the queue in front of it.
+# Measured on 2 cores: +14-36 %.
+FAST_503_SHARE = 0.3
 
 
 def generate_capacity(config_path) -> int:
@@ -32,10 +36,12 @@ def generate_capacity(config_path) -> int:
 
 
 def contract_problems(summary: dict) -> list[str]:
-    """Issue 11's rules: 200 or 503; a 503 carries Retry-After and the error shape."""
+    """Issue 11's rules: 200 or 503 (422 only for the deliberately bad "refused" bodies); a 503
+    carries Retry-After and the error shape."""
     problems = list(failures(summary))  # other 5xx, connection errors, hangs
     for route, s in summary["routes"].items():
-        others = {k: v for k, v in s["statuses"].items() if k not in ("200", "503")}
+        allowed = ("200", "503", "422") if route == "refused" else ("200", "503")
+        others = {k: v for k, v in s["statuses"].items() if k not in allowed}
         if others and not all(k.startswith("5") for k in others):  # other 5xx already listed
             problems.append(f"{route}: statuses other than 200/503: {others}")
         n503 = s["statuses"].get("503", 0)
@@ -67,36 +73,41 @@ def test_twice_the_capacity_gets_only_200_and_503(service):
 
 
 def test_burst_beyond_every_queue_is_refused_fast_then_serves_normally(service):
-    # Two references in the same run: the client alone against an instant-503 server, and the
-    # serving stack alone (the same burst, refused by the ingress with a 422 before any stage is
-    # called: Ray's proxy and the ingress replica cost ~30-40 ms of CPU a request on this box, so
-    # 300 at once take seconds whatever we answer). The 503s are held to a second beyond that.
-    floor = client_baseline(BURST)["routes"]["generate256"]["latency"]["p50"]
-    stack = asyncio.run(run_burst(service.url, BURST, "refused", timeout=BURST_TIMEOUT_S))
-    stack_p50 = stack["routes"]["refused"]["latency"]["p50"]
-    # 422 from the ingress, or its own retryable 503 once max_uploading bodies are being read.
-    assert set(stack["routes"]["refused"]["statuses"]) <= {"422", "503"}, stack["routes"]["refused"]
-    burst = asyncio.run(run_burst(service.url, BURST, "generate256", timeout=BURST_TIMEOUT_S))
+    # Two references in the same run. The client alone against an instant-503 server. And, inside
+    # the very burst, every other request is one the ingress refuses itself with a 422 before any
+    # stage is called: it crosses Ray's proxy and the ingress replica (~30-40 ms of CPU a request on
+    # this box, so hundreds at once take seconds whatever we answer) under the same load, at the
+    # same moment. The 503s are held to a second beyond those 422s: refusing must not wait.
+    floor = client_baseline(BURST // 2)["routes"]["generate256"]["latency"]["p50"]
+    burst = asyncio.run(
+        run_burst(service.url, BURST, "generate256,refused", timeout=BURST_TIMEOUT_S)
+    )
     recovery = asyncio.run(check_recovery(service.url, timeout=60))
+    refused = burst["routes"]["refused"]
+    stack_p50 = refused["latency"]["p50"]
     text = (
         report(
             burst,
-            f"burst: {BURST} x /generate at once; client floor p50 {floor:.2f} s,"
-            f" serving-stack floor (422 at the ingress) p50 {stack_p50:.2f} s",
+            f"burst: {BURST // 2} x /generate and {BURST // 2} x a 422 body, interleaved, at once;"
+            f" client floor p50 {floor:.2f} s, serving-stack floor (422 at the ingress) p50"
+            f" {stack_p50:.2f} s",
         )
         + "\nafter: "
         + json.dumps(recovery, default=str)[:1500]
     )
     print(text)
+    # 422 from the ingress, or its own retryable 503 once max_in_flight requests are held.
+    assert set(refused["statuses"]) <= {"422", "503"}, refused
+    assert refused["statuses"].get("422"), refused  # the reference is a validation refusal
     s = burst["routes"]["generate256"]
     problems = contract_problems(burst)
     n503 = s["statuses"].get("503", 0)
     if not n503:
-        problems.append(f"{BURST} at once exceed every queue, yet no 503: {s['statuses']}")
-    elif s["latency_503"]["p50"] > stack_p50 + FAST_503_S:
+        problems.append(f"{BURST // 2} at once exceed every queue, yet no 503: {s['statuses']}")
+    elif s["latency_503"]["p50"] > stack_p50 * (1 + FAST_503_SHARE) + FAST_503_S:
         problems.append(
-            f"503s are slow: p50 {s['latency_503']['p50']:.2f} s (want < {FAST_503_S} s beyond"
-            f" the serving stack's own {stack_p50:.2f} s for the same burst refused at once)"
+            f"503s are slow: p50 {s['latency_503']['p50']:.2f} s (want < {FAST_503_S} s +"
+            f" {FAST_503_SHARE:.0%} beyond the 422s of the same burst: {stack_p50:.2f} s)"
         )
     if s["latency"]["max"] is not None and s["latency"]["max"] > BURST_TIMEOUT_S:
         problems.append(f"slowest answer {s['latency']['max']:.1f} s")

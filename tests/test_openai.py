@@ -70,6 +70,77 @@ def test_generate_with_the_sdk_sync_and_async(client, async_client):
     assert other.model_extra["hiresfix"]["seeds"] == [2]
 
 
+def test_stream_sends_partial_images_from_the_denoising_then_the_image(client, async_client):
+    """stream: true with the official SDK: OpenAI's event types, partial images drawn from the
+    running pass's latents, then the same picture the plain call answers."""
+    args = {
+        "prompt": "a lighthouse at dusk",
+        "size": "256x256",
+        "quality": "low",
+        "extra_body": {"seed": 21, "num_inference_steps": 8},
+    }
+    events = list(client.images.generate(**args, stream=True, partial_images=2))
+    types = [e.type for e in events]
+    assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], types
+    partial, done = events[:2], events[2]
+    assert [e.partial_image_index for e in partial] == [0, 1]
+    for e in events:
+        assert (e.size, e.quality, e.output_format, e.background) == (
+            "256x256",
+            "low",
+            "png",
+            "opaque",
+        )
+        assert e.created_at > 0 and picture(e.b64_json).size == (256, 256)
+    # Two different moments of the denoising, and neither is the finished picture.
+    assert not np.array_equal(rgb(partial[0].b64_json), rgb(partial[1].b64_json))
+    assert not np.array_equal(rgb(partial[1].b64_json), rgb(done.b64_json))
+    plain = client.images.generate(**args)
+    assert np.array_equal(rgb(done.b64_json), rgb(plain.data[0].b64_json))
+
+    async def stream_async():
+        stream = await async_client.images.generate(
+            **{**args, "output_format": "jpeg"}, stream=True, n=2
+        )
+        return [e async for e in stream]
+
+    # No partial_images: only the completed images, one event each, in the format asked.
+    got = asyncio.run(stream_async())
+    assert [e.type for e in got] == ["image_generation.completed"] * 2
+    assert all(picture(e.b64_json).format == "JPEG" for e in got)
+    assert got[0].b64_json != got[1].b64_json  # seeds 21 and 22
+
+
+def test_stream_refusals_come_before_the_stream_in_the_sdks_classes(client, service):
+    """A refusal is the plain call's: status, shape and exception class, not an event."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="a castle", stream=True, partial_images=4)
+    assert err.value.param == "partial_images"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="a castle", stream=True, size="2048x64")
+    assert err.value.param == "size"
+    # An edit streams as well: image_edit.* events.
+    events = list(
+        client.images.edit(
+            image=("a.png", photo_png(), "image/png"),
+            prompt="a red planet",
+            stream=True,
+            partial_images=1,
+            extra_body={"seed": 4, "num_inference_steps": 8, "strength": 0.5},
+        )
+    )
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert picture(events[0].b64_json).size == picture(events[1].b64_json).size == (96, 64)
+    # Without the SDK: the wire format is server-sent events.
+    r = httpx.post(
+        service.url + "/v1/images/generations",
+        json={"prompt": "x", "size": "64x64", "stream": True, "num_inference_steps": 2},
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.startswith("event: image_generation.completed\ndata: {")
+
+
 def test_quality_high_runs_the_hires_fix_to_the_size_asked(client):
     r = client.images.generate(
         prompt="a portrait",
@@ -115,9 +186,6 @@ def test_errors_are_the_sdks_exception_classes(client, service):
     with pytest.raises(openai.BadRequestError) as err:  # over this deployment's max_steps
         client.images.generate(prompt="a castle", extra_body={"num_inference_steps": 51})
     assert err.value.param == "num_inference_steps" and "50" in err.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(prompt="a castle", stream=True)
-    assert err.value.param == "stream"
     # Our routes keep our shape; /v1/* routes that do not exist answer in OpenAI's.
     missing = httpx.get(service.url + "/v1/nope", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"

@@ -138,7 +138,9 @@ def test_hiresfix_fields_ride_along_and_win_over_presets():
         ({"n": 5}, "n", "invalid_value"),
         ({"n": 0}, "n", "invalid_value"),
         ({"response_format": "link"}, "response_format", "unsupported_value"),
-        ({"stream": True}, "stream", "unsupported_value"),
+        ({"stream": True, "response_format": "url"}, "response_format", "unsupported_value"),
+        ({"stream": True, "partial_images": 4}, "partial_images", "invalid_value"),
+        ({"previews": 2}, "previews", "invalid_value"),  # spelled partial_images here
         ({"background": "transparent"}, "background", "unsupported_value"),
         ({"output_format": "gif"}, "output_format", "unsupported_value"),
         ({"output_compression": 101}, "output_compression", "invalid_value"),
@@ -178,8 +180,11 @@ def test_refusal_messages_say_what_to_do():
     with pytest.raises(OpenAIError, match="use b64_json .* or url"):
         mapped(response_format="link")
     assert mapped(response_format="url").url and not mapped(response_format="b64_json").url
-    with pytest.raises(OpenAIError, match="not supported yet"):
-        mapped(stream=True)
+    with pytest.raises(OpenAIError, match="a stream carries the images themselves"):
+        mapped(stream=True, response_format="url")
+    assert mapped(stream=True, partial_images=2).request.previews == 2
+    assert mapped(stream=True).request.previews == 0 and mapped(stream=True).stream
+    assert mapped(partial_images=2).request.previews == 0  # no stream: no previews to take
     with pytest.raises(OpenAIError, match="use 'size'"):
         mapped(height=512)
     with pytest.raises(OpenAIError, match="WIDTHxHEIGHT"):
@@ -336,7 +341,9 @@ def test_edit_form_strings_become_our_img2img_request():
         ({"size": "4096x4096"}, "size"),  # over GenerateRequest's hard bound: named as size
         ({"response_format": "link"}, "response_format"),
         ({"output_format": "gif"}, "output_format"),
-        ({"stream": "true"}, "stream"),
+        ({"stream": "true", "response_format": "url"}, "response_format"),
+        ({"stream": "true", "partial_images": "5"}, "partial_images"),
+        ({"stream": "maybe"}, "stream"),
         ({"background": "transparent"}, "background"),
         ({"prompt": "  "}, "prompt"),
         ({"mask_blur": "-1"}, "mask_blur"),

@@ -23,7 +23,7 @@ from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled
 
 def count_steps(stage_call, *args, **kw):
     steps = []
-    out = stage_call(*args, on_step=lambda i, t: steps.append(t), **kw)
+    out = stage_call(*args, on_step=lambda i, t, *_: steps.append(t), **kw)
     return out, steps
 
 

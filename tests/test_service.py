@@ -246,6 +246,7 @@ def test_progress_follows_a_generate_request(service):
         "seed": 7,
         "hires_fix": True,
         "hires_steps": 8,
+        "previews": 3,
     }
     out = {}
     t = threading.Thread(
@@ -290,6 +291,12 @@ def test_progress_follows_a_generate_request(service):
             break
         time.sleep(0.05)
     assert final["state"] == "done" and final["progress"] == 1.0 and final["eta_s"] is None
+    # Three previews of the base pass (steps 8, 15, 22 of 30), kept a while after the end.
+    assert final["previews"] == 3 and final["preview"] is None
+    shown = ok(httpx.get(f"{service.url}/progress/{rid}?preview=true", timeout=30))
+    im = Image.open(io.BytesIO(base64.b64decode(shown["preview"])))
+    assert (im.format, im.size) == ("PNG", (256 // 8, 256 // 8))
+    assert any(s["previews"] for s in running), "previews appear while the request runs"
 
 
 def test_progress_without_a_client_id_and_for_unknown_ids(service):

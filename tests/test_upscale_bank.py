@@ -762,3 +762,30 @@ def test_cpu_bf16_stays_within_the_documented_tolerance_of_fp32(file):
         outs[dtype] = out.picture.rgb_u8().astype(np.float64)
     mse = float(np.mean((outs["bf16"] - outs["fp32"]) ** 2))
     assert 0 < mse and 10 * np.log10(255**2 / mse) >= 45
+
+
+def test_cpu_nice_lowers_every_thread_of_the_process_and_those_started_later():
+    """upscaler.cpu_nice (and sdxl.cpu_nice): the whole replica process yields the cores to the HTTP
+    path. A subprocess, since niceness cannot be lowered back."""
+    import subprocess
+
+    script = """
+import os, threading
+from hiresfix.upscale import UpscalerBank, UpscalerSettings
+before = threading.Event(); stop = threading.Event()
+t = threading.Thread(target=lambda: (before.set(), stop.wait())); t.start(); before.wait()
+UpscalerBank.from_settings(UpscalerSettings(cpu_nice=7, models=[]))
+later = []
+t2 = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0))); t2.start()
+t2.join()
+every = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+stop.set(); t.join()
+print(sorted(every), later)
+"""
+    start = os.getpriority(os.PRIO_PROCESS, 0)  # 15 inside a Ray worker
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split("\n")[-2]
+    want = max(start, 7)
+    assert out == f"[{want}] [{want}]", out
+    assert UpscalerSettings().cpu_nice == 0  # unchanged unless configured (GPU hosts)

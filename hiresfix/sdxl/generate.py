@@ -23,6 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,8 @@ from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.stages import ImageBatch
 
 # (step index, timestep) -> stop early?: progress, tests, cancellation, interrupt
-StepCallback = Callable[[int, int], bool | None]
+# (step index, timestep, latents after the step) -> stop early?
+StepCallback = Callable[[int, int, Any], bool | None]
 
 # Fast (Rust) tokenizers keep padding/truncation settings on themselves and SDXL's encode_prompt
 # switches them within each call, so overlapping calls pad with each other's settings (mismatched
@@ -231,8 +233,10 @@ def _diffusers_callback(on_step: StepCallback | None):
     if on_step is None:
         return None
 
-    def callback(pipe, step_index, timestep, _kwargs):
-        if on_step(int(step_index), int(timestep)):
+    def callback(pipe, step_index, timestep, tensors):
+        # `tensors` holds the latents (diffusers' default callback_on_step_end_tensor_inputs):
+        # the step's previews are drawn from them.
+        if on_step(int(step_index), int(timestep), tensors.get("latents")):
             # Stop early (A1111's interrupt/skip): diffusers skips the remaining steps and
             # decodes the latents as they are now.
             pipe._interrupt = True

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDif
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
-from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype
+from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype, yield_cpu
 from hiresfix.sdxl.settings import SDXLSettings
 from hiresfix.sdxl.single_file import OPEN_CLIP_BASE, OPEN_CLIP_REFINER, UNET
 from hiresfix.sdxl.tiny import build_tiny_sdxl
@@ -27,8 +27,7 @@ class ModelLoadError(RuntimeError):
 
 def load_base_pipeline(s: SDXLSettings) -> StableDiffusionXLPipeline:
     device, dtype = resolve_device_dtype(s)
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
+    _configure_cpu(s)
     return _load(
         StableDiffusionXLPipeline, s.source, s.path, s.single_file_config, s, device, dtype, "base"
     )
@@ -44,8 +43,7 @@ def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None
         pipe.set_progress_bar_config(disable=True)
         return pipe
     device, dtype = resolve_device_dtype(s)
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
+    _configure_cpu(s)
     return _load(
         StableDiffusionXLImg2ImgPipeline,
         s.refiner_source,
@@ -56,6 +54,12 @@ def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None
         dtype,
         "refiner",
     )
+
+
+def _configure_cpu(s: SDXLSettings) -> None:
+    if s.num_threads:
+        torch.set_num_threads(s.num_threads)
+    yield_cpu(s.cpu_nice)
 
 
 def resolve_device_dtype(s: SDXLSettings) -> tuple[torch.device, torch.dtype]:

@@ -68,6 +68,16 @@ class SDXLSettings(BaseModel):
     refiner_path: str | None = None
     refiner_single_file_config: str | None = None
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads for this process.")
+    cpu_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of this model's process, raised to at least this (0 = unchanged). Ray starts"
+            " every worker, the HTTP proxy and ingress too, at 15: on a CPU-only host 19 lets the"
+            " HTTP path answer refusals and /health first while inference fills every core."
+        ),
+    )
 
     @model_validator(mode="after")
     def _paths_given(self) -> SDXLSettings:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from hiresfix.images import Picture
-from hiresfix.runtime import ModelRecord, free_device_memory, is_oom
+from hiresfix.runtime import ModelRecord, free_device_memory, is_oom, yield_cpu
 from hiresfix.schemas import FallbackReason, ModelInfo
 from hiresfix.stages import UpscaleOutcome
 from hiresfix.upscale.resample import resize_picture, resize_plane
@@ -75,6 +75,7 @@ class UpscalerBank:
         """Load every configured model. Never raises for a missing, corrupt or unimportable model:
         its status (reason, detail) is recorded, logged, and requests for it fall back to
         LANCZOS."""
+        yield_cpu(s.cpu_nice)  # LANCZOS fallbacks are CPU work too
         runtime, import_error = _import_runtime()
         if runtime is not None and s.models:
             runtime.configure_threads(s.num_threads)

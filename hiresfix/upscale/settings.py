@@ -110,6 +110,12 @@ class UpscalerSettings(WeightsFolder):
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; null = all cores."
     )
+    cpu_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Niceness of the upscaler's process (0 = unchanged); see sdxl.cpu_nice.",
+    )
     beyond_native: Literal["resample", "repeat"] = Field(
         "resample",
         description=(
