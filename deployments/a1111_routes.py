@@ -27,6 +27,8 @@ from hiresfix.a1111 import (
     SchedulerItem,
     SDModelItem,
     SignalResponse,
+    TaskProgressRequest,
+    TaskProgressResponse,
     Txt2ImgRequest,
     Txt2ImgResponse,
     UpscalerItem,
@@ -40,6 +42,7 @@ from hiresfix.a1111 import (
     progress_response,
     samplers,
     schedulers,
+    task_progress,
     update_options,
     upscalers,
 )
@@ -51,6 +54,7 @@ LIST_ERRORS = error_docs(401, 500)
 PNGINFO_ERRORS = error_docs(400, 401, 408, 413, 422, 429, 500, 503)
 STATE_ERRORS = error_docs(401, 422, 429, 500, 503)  # 503: the progress board does not answer
 SIGNAL_ERRORS = error_docs(401, 408, 413, 429, 500, 503)
+TASK_ERRORS = error_docs(401, 408, 413, 422, 429, 500, 503)
 
 
 class A1111Routes:
@@ -60,7 +64,7 @@ class A1111Routes:
     async def a1111_txt2img(self, body: Txt2ImgRequest, request: Request) -> Response:
         """AUTOMATIC1111's txt2img API (hiresfix/a1111.py): A1111 clients work unchanged."""
         req, notes = body.to_generate(self.upscaler_names)
-        rid, t0 = request_id(request), time.perf_counter()
+        rid, t0 = request_id(request, body.force_task_id, "force_task_id"), time.perf_counter()
         caller = caller_tag(request.headers.get("authorization"))
         ours = await self._encode(await self._generate(req, rid, caller), "png", t0, rid)
         meta = ours.model_dump(mode="json", exclude={"image", "images"})
@@ -76,7 +80,7 @@ class A1111Routes:
     async def a1111_img2img(self, body: Img2ImgA1111Request, request: Request) -> Response:
         """AUTOMATIC1111's img2img API (inpainting with `mask`), run as POST /img2img."""
         req, notes = body.to_img2img(self.upscaler_names)
-        rid, t0 = request_id(request), time.perf_counter()
+        rid, t0 = request_id(request, body.force_task_id, "force_task_id"), time.perf_counter()
         caller = caller_tag(request.headers.get("authorization"))
         try:
             batch = await self._img2img(req, rid, t0, caller)
@@ -107,6 +111,19 @@ class A1111Routes:
         """The caller's running A1111 job (its latest), in A1111's shape; idle: progress 0."""
         tag = caller_tag(request.headers.get("authorization"))
         return progress_response(await self.tracker.current(tag, not skip_current_image))
+
+    @api.post("/internal/progress", response_model=TaskProgressResponse, responses=TASK_ERRORS)
+    async def a1111_task_progress(self, body: TaskProgressRequest) -> TaskProgressResponse:
+        """A1111's per-task progress (its web UI's call): the request sent with force_task_id
+        (or X-Request-ID) `id_task`, with its latest live preview when newer than
+        `id_live_preview`."""
+        try:
+            info = await self.tracker.read(body.id_task, body.live_preview)
+        except RequestError as exc:
+            if exc.status != 404:
+                raise
+            info = None
+        return task_progress(info, body)
 
     @api.post("/sdapi/v1/interrupt", response_model=SignalResponse, responses=SIGNAL_ERRORS)
     async def a1111_interrupt(self, request: Request) -> SignalResponse:

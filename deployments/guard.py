@@ -98,7 +98,7 @@ def guard_settings() -> GuardSettings:
     return _parse(os.environ.get(GUARD_ENV, "{}"))
 
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what an X-Request-ID may be
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:()-]{1,128}$")  # an X-Request-ID; A1111 ids are task(...)
 
 
 def serve_request_id() -> str:

@@ -272,12 +272,13 @@ def _rid(request: Request) -> str | None:
         return None
 
 
-def request_id(request: Request) -> str:
-    """The client's X-Request-ID (to follow the request at GET /progress/{id}), else Ray's own id
-    for this request (the one in Serve's access log), else a fresh one."""
-    rid = request.headers.get("x-request-id")
-    if rid is not None:
-        if not REQUEST_ID.match(rid):
-            raise RequestError("x-request-id", "use 1-128 characters from A-Z a-z 0-9 . _ : -", 400)
-        return rid
+def request_id(request: Request, given: str | None = None, field: str = "body") -> str:
+    """The client's X-Request-ID (to follow the request at GET /progress/{id}), else the id the
+    body `given` in `field` (A1111's force_task_id), else Ray's own id for this request (the one
+    in Serve's access log)."""
+    for rid, name in ((request.headers.get("x-request-id"), "x-request-id"), (given, field)):
+        if rid is not None:
+            if not REQUEST_ID.match(rid):
+                raise RequestError(name, "use 1-128 characters from A-Z a-z 0-9 . _ : - ( )", 400)
+            return rid
     return serve_request_id()

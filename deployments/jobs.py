@@ -30,6 +30,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 
+from deployments import metrics
 from hiresfix.jobs import (
     ENDED,
     JobRecord,
@@ -100,7 +101,9 @@ class Jobs:
                 callback_allowed(self.settings, callback_url)
             position = await asyncio.to_thread(self.store.submit, rec, body)
         except RequestError as exc:
+            metrics.record_job(kind, "refused")
             return refusal(exc)
+        metrics.record_job(kind, "submitted")
         self._wake.set()
         return {"id": rec.id, "state": "queued", "queue_position": position}
 
@@ -134,6 +137,8 @@ class Jobs:
         if got[0].state in ENDED:
             return {"rec": got[0].model_dump(), "ended_before": True}
         rec = await asyncio.to_thread(self.store.cancel, job_id)
+        if rec is not None and rec.state == "cancelled":
+            metrics.record_job(rec.kind, "cancelled")
         task = self.tasks.get(job_id)
         if task is not None:
             self._stop(job_id)
@@ -197,6 +202,7 @@ class Jobs:
 
     async def _run(self, rec: JobRecord) -> None:
         t0, store, worker = time.monotonic(), self.store, self.worker
+        waited = time.time() - rec.created_at  # a requeued job: since its first submission
         try:
             body = await asyncio.to_thread(store.body, rec.id)
             if body is None:
@@ -211,21 +217,26 @@ class Jobs:
                 await asyncio.to_thread(
                     store.finish, rec.id, worker, "failed", None, job_error(rec.id, "job", message)
                 )
+                metrics.record_job(rec.kind, "failed")
                 return
             if out["status"] == 200:
                 await asyncio.to_thread(store.finish, rec.id, worker, "done", out["result"])
                 self._learn(rec.kind, time.monotonic() - t0)
+                metrics.record_job(rec.kind, "done", waited, time.monotonic() - t0)
             elif out["status"] == 503:  # a stage restarting or full: once more when seeded
                 await asyncio.to_thread(store.release, rec.id, worker, out["error"], 503)
+                metrics.record_job(rec.kind, "requeued")
             else:
                 await asyncio.to_thread(
                     store.finish, rec.id, worker, "failed", None, out["error"], out["status"]
                 )
+                metrics.record_job(rec.kind, "failed")
         except asyncio.CancelledError:
             raise  # cancelled (the store says so already) or this replica is stopping
         except RUNNER_LOST as exc:
             log.warning("job %s: its Ingress runner was lost (%s)", rec.id, type(exc).__name__)
             await asyncio.to_thread(store.release, rec.id, worker)
+            metrics.record_job(rec.kind, "requeued")
         except Exception:  # noqa: BLE001 - a bug: fail the job, keep the worker
             log.exception("job %s failed", rec.id)
             message = f"the service failed on this job; its log holds the detail under {rec.id}"
@@ -238,6 +249,7 @@ class Jobs:
                 job_error(rec.id, "body", message),
                 500,
             )
+            metrics.record_job(rec.kind, "failed")
         finally:
             self.tasks.pop(rec.id, None)
             self.responses.pop(rec.id, None)

@@ -72,6 +72,17 @@ METRICS: dict[str, Spec] = {
         " authorization for 401/429, body for 413 and admission 503s, a request field for 422).",
         ("status", "reason", "route"),
     ),
+    "hiresfix_jobs": Spec(
+        "counter",
+        "Async jobs (POST /jobs/{kind}) by event: submitted, refused (queue or store full),"
+        " done, failed, cancelled, requeued (its runner was lost or a stage was full).",
+        ("kind", "event"),
+    ),
+    "hiresfix_job_seconds": Spec(
+        "histogram",
+        "Seconds of a job that ended done, by phase: wait (submitted until its run began) and run.",
+        ("kind", "phase"),
+    ),
     # A histogram, not a gauge: Ray 2.60 drops a gauge that is not set again within two export
     # intervals, and a load happens once per replica start.
     "hiresfix_model_load_seconds": Spec(
@@ -168,6 +179,17 @@ def record_answer(batch) -> None:
 @_safe
 def record_cancelled() -> None:
     _metric("hiresfix_cancellations").inc(tags={})
+
+
+@_safe
+def record_job(kind: str, event: str, wait_s: float | None = None, run_s: float | None = None):
+    """One job event (deployments/jobs.py); a finished job also records its wait and run."""
+    _metric("hiresfix_jobs").inc(tags=_tags(kind=kind, event=event))
+    for phase, seconds in (("wait", wait_s), ("run", run_s)):
+        if seconds is not None:
+            _metric("hiresfix_job_seconds").observe(
+                max(0.0, seconds), tags=_tags(kind=kind, phase=phase)
+            )
 
 
 @_safe

@@ -54,7 +54,6 @@ HARMLESS = {
     "override_settings_restore_afterwards",
     "disable_extra_networks",
     "comments",
-    "force_task_id",
 }
 # Our field -> the A1111 field a client sent, to name the right one in errors.
 A1111_FIELD = {
@@ -97,6 +96,11 @@ class _GenerationFields(BaseModel):
     width: int = 512
     height: int = 512
     restore_faces: bool = False
+    force_task_id: str | None = Field(
+        None,
+        description="The task's id: hiresfix's request id (GET /progress/{id},"
+        " POST /internal/progress), unless an X-Request-ID header is sent.",
+    )
 
 
 class Txt2ImgRequest(_GenerationFields):
@@ -496,6 +500,7 @@ IMG2IMG_FIELD = {
     "strength": "denoising_strength",
     "image": "init_images",
     "mask_invert": "inpainting_mask_invert",
+    "inpaint_padding": "inpaint_full_res_padding",
 }
 
 
@@ -517,7 +522,11 @@ class Img2ImgA1111Request(_GenerationFields):
     mask_blur_y: int = 4
     inpainting_mask_invert: int = Field(0, description="1 = inpaint where the mask is black.")
     inpaint_full_res: bool = Field(
-        True, description="A1111's 'only masked'; here the whole picture is inpainted."
+        True, description="'Only masked': redraw a crop around the mask at the full size."
+    )
+    inpaint_full_res_padding: int = Field(0, description="Pixels of context around the mask.")
+    inpainting_fill: int = Field(
+        0, description="0 fill, 1 original; 2 latent noise and 3 latent nothing run as 1."
     )
     include_init_images: bool = Field(
         False, description="Echo init_images and mask back in `parameters`."
@@ -542,8 +551,13 @@ class Img2ImgA1111Request(_GenerationFields):
             )
         if self.resize_mode == 3:
             notes.append("resize_mode: latent upscale is not supported; the pixels were resized")
-        if self.mask and self.inpaint_full_res:
-            notes.append("inpaint_full_res: the whole picture is inpainted at its size")
+        if self.inpainting_fill not in (0, 1, 2, 3):
+            raise A1111Error(
+                "inpainting_fill",
+                "use 0 (fill), 1 (original), 2 (latent noise), 3 (latent nothing)",
+            )
+        if self.mask and self.inpainting_fill in (2, 3):
+            notes.append("inpainting_fill: latent noise / nothing are not served; original used")
         if not self.prompt.strip():
             raise A1111Error("prompt", "prompt is empty: hiresfix needs some text to draw")
         blur = (
@@ -557,6 +571,9 @@ class Img2ImgA1111Request(_GenerationFields):
             mask_blur=blur,
             mask_invert=bool(self.inpainting_mask_invert),
             resize_mode=RESIZE_MODES[self.resize_mode],
+            inpaint_area="only_masked" if self.inpaint_full_res else "whole",
+            inpaint_padding=self.inpaint_full_res_padding,
+            inpaint_fill="fill" if self.inpainting_fill == 0 else "original",
             strength=self.denoising_strength,
             **_shared_fields(self, extra),
         )
@@ -828,6 +845,48 @@ def progress_response(info: ProgressInfo | None) -> ProgressResponse:
         state=state,
         current_image=info.preview,
         textinfo=text,
+    )
+
+
+class TaskProgressRequest(BaseModel):
+    """A1111's POST /internal/progress: a task by the id its request was sent with
+    (force_task_id)."""
+
+    id_task: str = Field(..., description="The force_task_id (or X-Request-ID) of the request.")
+    id_live_preview: int = Field(-1, description="The preview the client has; -1: none yet.")
+    live_preview: bool = Field(True, description="Send the latest preview when it is newer.")
+
+
+class TaskProgressResponse(BaseModel):
+    """A1111's answer to POST /internal/progress."""
+
+    active: bool
+    queued: bool
+    completed: bool
+    progress: float | None = None
+    eta: float | None = None
+    live_preview: str | None = Field(None, description="data:image/png;base64,... when newer.")
+    id_live_preview: int | None = None
+    textinfo: str | None = None
+
+
+def task_progress(info: ProgressInfo | None, want: TaskProgressRequest) -> TaskProgressResponse:
+    """Our board entry for A1111's task view: unknown ids are neither active nor completed."""
+    if info is None:
+        return TaskProgressResponse(
+            active=False, queued=False, completed=False, id_live_preview=-1, textinfo="unknown"
+        )
+    running = info.state == "running"
+    newer = want.live_preview and info.preview and info.previews > want.id_live_preview
+    return TaskProgressResponse(
+        active=running and info.stage is not None,
+        queued=running and info.stage is None,
+        completed=not running,
+        progress=info.progress,
+        eta=info.eta_s,
+        live_preview=f"data:image/png;base64,{info.preview}" if newer else None,
+        id_live_preview=info.previews if newer else want.id_live_preview,
+        textinfo=f"{info.stage} {info.step}/{info.stage_steps}" if info.stage else info.state,
     )
 
 

@@ -249,6 +249,24 @@ class Img2ImgRequest(UpscaleOptions, FaceOptions):
     )
     mask_blur: int = Field(4, ge=0, le=64, description="Feathers the mask's edge, in pixels.")
     mask_invert: bool = Field(False, description="Repaint where the mask is black instead.")
+    inpaint_area: Literal["whole", "only_masked"] = Field(
+        "whole",
+        description=(
+            "With a mask: only_masked redraws a crop around the mask (plus inpaint_padding) at"
+            " the full output size and pastes it back, for more detail in a small area"
+            " (A1111's 'Only masked'); whole redraws the whole picture."
+        ),
+    )
+    inpaint_padding: int = Field(
+        32, ge=0, le=1024, description="only_masked: pixels of context kept around the mask."
+    )
+    inpaint_fill: Literal["original", "fill"] = Field(
+        "original",
+        description=(
+            "What the masked area starts from: the picture as it is (original), or its"
+            " surroundings' colours smoothed into it (fill: for removing an object)."
+        ),
+    )
     width: int = Field(
         0,
         ge=0,
@@ -319,6 +337,9 @@ class Img2ImgRequest(UpscaleOptions, FaceOptions):
                 "resize_mode",
                 "width",
                 "height",
+                "inpaint_area",
+                "inpaint_padding",
+                "inpaint_fill",
             }
         )
         try:

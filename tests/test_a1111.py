@@ -310,7 +310,12 @@ def test_img2img_maps_a1111_fields_and_defaults():
     assert (req.width, req.height, req.num_images, req.use_face_restoration) == (640, 512, 2, True)
     assert "enable_hr: not supported, ignored" in notes  # A1111's img2img has no hires fix
     assert any(n.startswith("init_images: only the first") for n in notes)
-    assert any(n.startswith("inpaint_full_res") for n in notes)
+    # A1111's default "Only masked" with no padding; inpainting_fill 1: from the original.
+    assert (req.inpaint_area, req.inpaint_padding, req.inpaint_fill) == (
+        "only_masked",
+        0,
+        "original",
+    )
     plain, notes = Img2ImgA1111Request(init_images=["abc"], prompt="x").to_img2img(CONFIGURED)
     assert (plain.width, plain.height, plain.num_inference_steps, plain.mask) == (
         512,
@@ -319,6 +324,21 @@ def test_img2img_maps_a1111_fields_and_defaults():
         None,
     )
     assert plain.mask is None and plain.mask_blur == 4 and notes == []
+    assert (plain.inpaint_area, plain.inpaint_fill) == ("only_masked", "fill")
+    whole, notes = Img2ImgA1111Request(
+        init_images=["a"],
+        prompt="x",
+        mask="m",
+        inpaint_full_res=False,
+        inpaint_full_res_padding=32,
+        inpainting_fill=2,
+    ).to_img2img([])
+    assert (whole.inpaint_area, whole.inpaint_padding, whole.inpaint_fill) == (
+        "whole",
+        32,
+        "original",
+    )
+    assert notes == ["inpainting_fill: latent noise / nothing are not served; original used"]
     latent, notes = Img2ImgA1111Request(init_images=["a"], prompt="x", resize_mode=3).to_img2img([])
     assert latent.resize_mode == "resize" and "latent upscale" in notes[0]
     echoed = Img2ImgA1111Request(init_images=["abc"], prompt="x", mask="m")
@@ -339,6 +359,8 @@ def test_img2img_maps_a1111_fields_and_defaults():
         ({"sampler_name": "LMS"}, "sampler_name"),
         ({"prompt": ""}, "prompt"),
         ({"mask_blur": 99}, "mask_blur"),
+        ({"inpainting_fill": 7}, "inpainting_fill"),
+        ({"inpaint_full_res_padding": -1}, "inpaint_full_res_padding"),
     ],
 )
 def test_img2img_errors_name_the_a1111_field(kw, field):
@@ -446,6 +468,39 @@ def ok(r: httpx.Response) -> dict:
 
 
 @pytest.mark.serve
+def test_force_task_id_is_the_request_id_and_internal_progress_follows_it(service):
+    """A1111's web UI flow: txt2img with force_task_id, POST /internal/progress with id_task
+    (live previews newer than id_live_preview); GET /progress/{id} knows the same id."""
+    task = f"task(hx{time.time_ns()})"
+    t, out = _start(service, "/sdapi/v1/txt2img", {**SLOW, "force_task_id": task})
+    seen, deadline = [], time.time() + 120
+    while "r" not in out and time.time() < deadline:
+        p = ok(
+            call(service, "POST", "/internal/progress", {"id_task": task, "id_live_preview": -1})
+        )
+        seen.append(p)
+        if p["live_preview"]:
+            break
+        time.sleep(0.05)
+    t.join(300)
+    assert len(ok(out["r"])["images"]) == 1
+    live = [p for p in seen if p["live_preview"]]
+    assert live, seen[-3:]
+    assert live[0]["active"] and not live[0]["completed"] and 0 < live[0]["progress"] < 1
+    assert live[0]["live_preview"].startswith("data:image/png;base64,")
+    assert pixels(live[0]["live_preview"].split(",", 1)[1]).shape == (384 // 8, 384 // 8, 3)
+    assert live[0]["id_live_preview"] >= 1 and live[0]["textinfo"].startswith("base ")
+    done = ok(call(service, "POST", "/internal/progress", {"id_task": task, "id_live_preview": 5}))
+    assert done["completed"] and not done["active"] and done["progress"] == 1.0
+    assert done["live_preview"] is None  # it has all five (50 steps: one per 10)
+    assert ok(call(service, "GET", f"/progress/{task}"))["state"] == "done"
+    nobody = ok(call(service, "POST", "/internal/progress", {"id_task": "task(nobody)"}))
+    assert not (nobody["active"] or nobody["queued"] or nobody["completed"])
+    bad = call(service, "POST", "/sdapi/v1/txt2img", {"prompt": "x", "force_task_id": "a b"})
+    assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "force_task_id"
+
+
+@pytest.mark.serve
 def test_a1111_img2img_inpaints_like_our_route(service):
     mask = np.zeros((64, 96), np.uint8)
     mask[:, 48:] = 255
@@ -486,6 +541,7 @@ def test_a1111_img2img_inpaints_like_our_route(service):
         "strength": 0.9,
         "scheduler": "euler_a",
         "num_images": 2,
+        "inpaint_fill": "fill",  # A1111's default inpainting_fill 0
     }
     assert ok(call(service, "POST", "/img2img", ours))["images"][0] == r["images"][0]
     crop = ok(

@@ -152,6 +152,60 @@ def test_stage_inpaints_only_where_the_mask_is_white(img2img_stage):
     assert painted.mean() > 0.05  # redrawn
 
 
+def test_only_masked_redraws_the_crop_at_full_size_and_fill_starts_from_the_surroundings(
+    img2img_stage, monkeypatch
+):
+    """A1111's "Only masked" (inpaint_area) and "fill" (inpaint_fill): pixels the mask keeps stay
+    exactly the input in every mode; the masked square is redrawn from a 32 px crop (16 px square
+    + 8 px padding) blown up to the full 64 px, so it differs from the whole-picture pass."""
+    import hiresfix.sdxl.img2img as mod
+
+    src, mask = photo(64), np.zeros((64, 64), np.uint8)
+    mask[24:40, 20:36] = 255
+    resized, real = [], mod._resize
+    monkeypatch.setattr(
+        mod, "_resize", lambda a, size: resized.append(a.shape[:2]) or real(a, size)
+    )
+    common = {"mask": mask, "strength": 0.6, "mask_blur": 0}
+    whole = run_stage(img2img_stage, src, **common).pictures[0].rgb
+    assert set(resized) == {(64, 64)}  # the whole picture is redrawn as it is (mask: no-op)
+    only = (
+        run_stage(img2img_stage, src, **common, inpaint_area="only_masked", inpaint_padding=8)
+        .pictures[0]
+        .rgb
+    )
+    assert (32, 32) in resized  # the crop (and its mask) blown up to the output size
+    filled = run_stage(img2img_stage, src, **common, inpaint_fill="fill").pictures[0].rgb
+    ref, outside = src.astype(np.float32) / 255, mask == 0
+    for rgb in (whole, only, filled):
+        assert np.abs(rgb - ref)[outside].max() < 1 / 255 + 1e-6
+    inside = ~outside
+    assert np.abs(only - whole)[inside].mean() > 0.02
+    assert np.abs(filled - whole)[inside].mean() > 0.02
+
+
+def test_inpaint_box_and_fill_helpers():
+    from hiresfix.sdxl.img2img import fill_masked, inpaint_box
+
+    m = np.zeros((64, 96), np.float32)
+    m[20:40, 40:56] = 1
+    box = inpaint_box(m, 4, (96, 64))  # 24x28 with padding, widened to the output's 3:2
+    assert box == (27, 16, 69, 44) and (box[2] - box[0]) / (box[3] - box[1]) == 1.5
+    assert inpaint_box(m, 0, (64, 64)) == (38, 20, 58, 40)  # square: widened by 4, centred
+    assert inpaint_box(np.zeros_like(m), 4, (96, 64)) is None  # nothing masked
+    assert inpaint_box(np.ones_like(m), 0, (96, 64)) is None  # all of it: the whole picture
+    edge = np.zeros_like(m)
+    edge[0:4, 90:96] = 1
+    x0, y0, x1, y1 = inpaint_box(edge, 8, (96, 64))  # shifted inside the picture, not clipped
+    assert (x1, y0) == (96, 0) and (x1 - x0) / (y1 - y0) == 1.5
+    rgb = np.zeros((64, 96, 3), np.float32)
+    rgb[:, :48], rgb[:, 48:] = (1, 0, 0), (0, 0, 1)  # red left, blue right
+    f = fill_masked(rgb, m)
+    assert np.array_equal(f[m == 0], rgb[m == 0])  # kept pixels unchanged
+    assert f[30, 41, 0] > 0.9 and f[30, 54, 2] > 0.9  # each side filled from its own neighbours
+    assert 0.2 < f[30, 48, 0] < 0.8  # the middle: a blend
+
+
 def test_a_step_callback_answering_true_stops_the_pass_early(img2img_stage):
     """A1111's interrupt/skip end: run_cancellable answers the stage's step callback with the
     progress callback's verdict; diffusers then skips the rest and decodes what it has."""

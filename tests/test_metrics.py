@@ -175,6 +175,10 @@ def test_requests_show_up_on_the_prometheus_endpoint(service):
     assert r.status_code == 401, r.text[:500]
     assert API_KEYS  # the nolib app has keys on: the 401 above is the guard's
 
+    # An async job: submitted, then done, with its wait and run times.
+    r = httpx.post(f"{service.url}/jobs/generate", json={"prompt": "a job", **TINY}, timeout=30)
+    assert r.status_code == 202, r.text[:500]
+
     mp = 2 * 96 * 96 / 1e6  # two 64 px images at hires_scale 1.5, upscaled by LANCZOS
     samples = wait_for(
         service,
@@ -201,6 +205,10 @@ def test_requests_show_up_on_the_prometheus_endpoint(service):
                 route="/generate",
             ),
             "413 body": grew("ray_hiresfix_rejected_requests_total", status="413", reason="body"),
+            "job submitted": grew("ray_hiresfix_jobs_total", kind="generate", event="submitted"),
+            "job done": grew("ray_hiresfix_jobs_total", kind="generate", event="done"),
+            "job run time": grew("ray_hiresfix_job_seconds_count", kind="generate", phase="run"),
+            "job wait time": grew("ray_hiresfix_job_seconds_count", kind="generate", phase="wait"),
             "401 nolib": lambda s: (
                 value(
                     s,

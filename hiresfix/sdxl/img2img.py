@@ -47,6 +47,19 @@ class Img2ImgStage:
     ) -> ImageBatch:
         start = time.perf_counter()
         init = fit_picture(batch.pictures[0], size, req.resize_mode)
+        soft = box = None
+        if mask is not None:
+            soft = mask_weights(mask, size, req.resize_mode, req.mask_blur, req.mask_invert)
+            if req.inpaint_area == "only_masked":
+                box = inpaint_box(soft, req.inpaint_padding, size)
+        # What the pipeline redraws: the picture, or the crop around the mask at full size.
+        work_rgb, work_mask = init.rgb, soft
+        if box is not None:
+            x0, y0, x1, y1 = box
+            work_rgb = _resize(init.rgb[y0:y1, x0:x1], size)
+            work_mask = _resize(soft[y0:y1, x0:x1], size)
+        if work_mask is not None and req.inpaint_fill == "fill":
+            work_rgb = fill_masked(work_rgb, work_mask)
         cls = (
             StableDiffusionXLInpaintPipeline
             if mask is not None
@@ -59,13 +72,14 @@ class Img2ImgStage:
             req.num_inference_steps, 0, req.strength, pipe.scheduler.config.num_train_timesteps
         )
         extra = {}
-        if mask is not None:  # the inpaint pipeline would otherwise resize to its default size
-            soft = mask_weights(mask, size, req.resize_mode, req.mask_blur, req.mask_invert)
-            extra.update(mask_image=Image.fromarray(_u8(soft), "L"), width=size[0], height=size[1])
+        if work_mask is not None:  # the inpaint pipeline would otherwise resize to its default
+            extra.update(
+                mask_image=Image.fromarray(_u8(work_mask), "L"), width=size[0], height=size[1]
+            )
         with self._serial:
             out = pipe(
                 **embeds,
-                image=init.to_pil().convert("RGB"),
+                image=Image.fromarray(_u8(work_rgb), "RGB"),
                 strength=req.strength,
                 num_inference_steps=steps,
                 guidance_scale=req.guidance_scale,
@@ -77,7 +91,12 @@ class Img2ImgStage:
         pictures = []
         for im in out.images:
             rgb = Picture.from_pil(im.resize(size, Image.LANCZOS) if im.size != size else im).rgb
-            if mask is not None:  # what the mask keeps is the input, exactly
+            if box is not None:  # the redrawn crop back in its place, at its size
+                x0, y0, x1, y1 = box
+                full = init.rgb.copy()
+                full[y0:y1, x0:x1] = _resize(rgb, (x1 - x0, y1 - y0))
+                rgb = full
+            if soft is not None:  # what the mask keeps is the input, exactly
                 w = soft[..., None]
                 rgb = init.rgb * (1.0 - w) + rgb * w
             pictures.append(init.with_pixels(rgb, init.alpha))
@@ -86,6 +105,60 @@ class Img2ImgStage:
         )
         result.add_time("img2img", time.perf_counter() - start)
         return result
+
+
+# --- inpainting helpers ---------------------------------------------------------------------------
+def inpaint_box(
+    soft: np.ndarray, padding: int, size: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """only_masked: (x0, y0, x1, y1) around every pixel the mask touches, `padding` wider, then
+    grown to the output's aspect ratio (the crop is redrawn at the output size without
+    stretching) within the picture. None when the mask is empty or the box is the whole picture.
+    """
+    h, w = soft.shape
+    ys, xs = np.nonzero(soft > 0.5 / 255)
+    if not len(xs):
+        return None
+    x0, x1 = max(0, xs.min() - padding), min(w, xs.max() + 1 + padding)
+    y0, y1 = max(0, ys.min() - padding), min(h, ys.max() + 1 + padding)
+    aspect = size[0] / size[1]
+    if (x1 - x0) / (y1 - y0) < aspect:  # too narrow: widen, centred, shifted inside the picture
+        x0, x1 = _grow(x0, x1, min(w, round((y1 - y0) * aspect)), w)
+    else:
+        y0, y1 = _grow(y0, y1, min(h, round((x1 - x0) / aspect)), h)
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _grow(lo: int, hi: int, want: int, limit: int) -> tuple[int, int]:
+    lo = max(0, lo - (want - (hi - lo)) // 2)
+    hi = lo + want
+    if hi > limit:
+        lo, hi = max(0, limit - want), limit
+    return lo, hi
+
+
+def fill_masked(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """inpaint_fill "fill": the masked area painted with its surroundings' colours, from wide to
+    fine (normalised Gaussian blurs of the kept pixels: a finer one wins where it has support),
+    as A1111's "fill" does. Kept pixels are unchanged."""
+    keep = (weights < 0.5).astype(np.float32)
+    if not keep.any():
+        return rgb
+    filled = np.broadcast_to(rgb[keep > 0].mean(axis=0), rgb.shape).astype(np.float32)
+    for radius in (64, 16, 4, 1):
+        den = _blur(keep, radius)
+        num = _blur(rgb * keep[..., None], radius)
+        ok = (den > 0.02)[..., None]
+        filled = np.where(ok, num / np.maximum(den, 1e-6)[..., None], filled)
+    return np.clip(np.where(keep[..., None] > 0, rgb, filled), 0.0, 1.0).astype(np.float32)
+
+
+def _blur(a: np.ndarray, radius: float) -> np.ndarray:
+    import cv2  # the face pass's dependency too; float32 planes, any channel count
+
+    return cv2.GaussianBlur(a, (0, 0), sigmaX=radius, borderType=cv2.BORDER_REFLECT)
 
 
 # --- size handling (A1111's resize modes) --------------------------------------------------------
