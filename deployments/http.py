@@ -273,10 +273,11 @@ def _rid(request: Request) -> str | None:
 
 
 def request_id(request: Request, given: str | None = None, field: str = "body") -> str:
-    """The client's X-Request-ID (to follow the request at GET /progress/{id}), else the id the
-    body `given` in `field` (A1111's force_task_id), else Ray's own id for this request (the one
-    in Serve's access log)."""
-    for rid, name in ((request.headers.get("x-request-id"), "x-request-id"), (given, field)):
+    """The id the body `given` in `field` (A1111's force_task_id), else the client's X-Request-ID
+    (to follow the request at GET /progress/{id}), else Ray's own id for this request (the one in
+    Serve's access log). The body's wins: Serve's proxy fills X-Request-ID in itself when the
+    client sends none."""
+    for rid, name in ((given, field), (request.headers.get("x-request-id"), "x-request-id")):
         if rid is not None:
             if not REQUEST_ID.match(rid):
                 raise RequestError(name, "use 1-128 characters from A-Z a-z 0-9 . _ : - ( )", 400)

@@ -98,8 +98,8 @@ class _GenerationFields(BaseModel):
     restore_faces: bool = False
     force_task_id: str | None = Field(
         None,
-        description="The task's id: hiresfix's request id (GET /progress/{id},"
-        " POST /internal/progress), unless an X-Request-ID header is sent.",
+        description="The task's id, as hiresfix's request id (GET /progress/{id},"
+        " POST /internal/progress; it wins over an X-Request-ID header).",
     )
 
 
