@@ -13,6 +13,7 @@ same run, alternating: Pillow decoding that PNG and encoding it again at the ser
 trip minus the service's own decode + encode: HTTP, ingress, Ray) <= 10 ms.
 
     python bench/serve_overhead.py --weights ../shared/weights --size 512 --runs 5
+    python bench/serve_overhead.py --bare-only --direct-ingress   # proxy vs direct ingress
 """
 
 from __future__ import annotations
@@ -43,7 +44,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bare-runs", type=int, default=15, help="no-model round trips (and refs)")
     ap.add_argument("--bare-only", action="store_true", help="only the no-model round trip")
+    ap.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="the lever: start Ray with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (experimental in Ray"
+        " 2.60: each ingress replica serves HTTP on its own port, 30000+, besides the proxy) and"
+        " measure the no-model round trip through both, alternating",
+    )
     ns = ap.parse_args()
+    if ns.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # ServeApp's processes inherit it
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)
@@ -80,6 +90,12 @@ def main() -> None:
         app = ServeApp(tmp, Path(ns.weights), tmp / "no-face.safetensors", nolib=False)
         try:
             app.wait_ready()
+            if ns.direct_ingress:
+                direct = direct_ingress_url()
+                for label, url in (("proxy", app.url), ("direct ingress", direct)) * 2:
+                    print(f"== through the {label}: {url} (second round: the same again)")
+                    print_bare(ns, no_model_round_trip(url, buf.getvalue(), ns.bare_runs))
+                return
             if ns.bare_only:
                 print_bare(ns, no_model_round_trip(app.url, buf.getvalue(), ns.bare_runs))
                 return
@@ -144,6 +160,25 @@ def main() -> None:
         f"{med([h + x for h, x in zip(bin_hops, bin_http)]) * 1000:8.1f} ms"
     )
     print_bare(ns, bare)
+
+
+def direct_ingress_url(timeout: float = 120) -> str:
+    """The first port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) where an ingress replica
+    answers /health (one ingress replica here)."""
+    import httpx
+
+    first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for port in range(first, first + 8):
+            url = f"http://127.0.0.1:{port}"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                continue
+        time.sleep(1)
+    raise RuntimeError(f"no ingress replica answers on ports {first}-{first + 7}")
 
 
 def print_bare(ns, bare: dict[str, list[float]]) -> None:

@@ -84,6 +84,7 @@ OPERATIONS = {
     ("GET", "/sdapi/v1/progress"): {"positive": 3, "negative": 3, "in-limits": 0},
     ("POST", "/sdapi/v1/interrupt"): {"positive": 2, "negative": 0, "in-limits": 0},
     ("POST", "/sdapi/v1/skip"): {"positive": 2, "negative": 0, "in-limits": 0},
+    ("POST", "/internal/progress"): {"positive": 4, "negative": 4, "in-limits": 0},
     # Jobs: a valid body is queued (202) and runs later, so no in-limits pass (it would load the
     # machine after the test); the synchronous routes' passes reach the stages for them.
     ("POST", "/jobs/generate"): {"positive": 8, "negative": 8, "in-limits": 0},
