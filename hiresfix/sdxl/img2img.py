@@ -156,9 +156,17 @@ def fill_masked(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _blur(a: np.ndarray, radius: float) -> np.ndarray:
-    import cv2  # the face pass's dependency too; float32 planes, any channel count
+    """Gaussian blur of float32 planes; a wide one on a picture shrunk by radius / 8 (the same
+    smooth field for the fill, a fraction of the work: 1024 px took 1.7 s at full size)."""
+    import cv2  # the face pass's dependency too
 
-    return cv2.GaussianBlur(a, (0, 0), sigmaX=radius, borderType=cv2.BORDER_REFLECT)
+    f = max(1, int(radius // 8))
+    if f == 1:
+        return cv2.GaussianBlur(a, (0, 0), sigmaX=radius, borderType=cv2.BORDER_REFLECT)
+    h, w = a.shape[:2]
+    small = cv2.resize(a, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigmaX=radius / f, borderType=cv2.BORDER_REFLECT)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 # --- size handling (A1111's resize modes) --------------------------------------------------------
