@@ -18,7 +18,7 @@ import re
 import struct
 import zlib
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from hiresfix import __version__
 from hiresfix.images import PNG_PARAMETERS  # the PNG text chunk's key, as A1111 names it
@@ -29,6 +29,7 @@ from hiresfix.schemas import (
     ProgressInfo,
     RequestError,
     UpscaleRequest,
+    build_request,
 )
 
 # A1111 sampler name (lower case) -> ours, from the one sampler table. A1111 >= 1.9 moved "Karras"
@@ -163,19 +164,7 @@ class Txt2ImgRequest(_GenerationFields):
                 "batch_size",
                 f"batch_size x n_iter is {fields['num_images']}; at most 4 per request",
             )
-        return _build(GenerateRequest, fields, A1111_FIELD), notes
-
-
-def _build(model: type[BaseModel], fields: dict, a1111_names: dict[str, str]):
-    """Our request from mapped fields; a validation error names the A1111 field the client sent."""
-    try:
-        return model(**fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        ours = str(err["loc"][0]) if err["loc"] else "body"
-        raise A1111Error(
-            a1111_names.get(ours, ours), err["msg"].removeprefix("Value error, ")
-        ) from None
+        return build_request(GenerateRequest, fields, A1111_FIELD, A1111Error), notes
 
 
 def _sampler(field: str, name: str | None, scheduler: str | None) -> str | None:
@@ -323,7 +312,9 @@ class ExtrasRequest(BaseModel):
             fields.update(
                 use_face_restoration=True, face_restoration_weight=min(1.0, self.gfpgan_visibility)
             )
-        return _build(UpscaleRequest, fields, {"scale": "upscaling_resize"}), notes
+        return build_request(
+            UpscaleRequest, fields, {"scale": "upscaling_resize"}, A1111Error
+        ), notes
 
 
 class ExtrasResponse(BaseModel):
@@ -582,7 +573,7 @@ class Img2ImgA1111Request(_GenerationFields):
                 "batch_size",
                 f"batch_size x n_iter is {fields['num_images']}; at most 4 per request",
             )
-        return _build(Img2ImgRequest, fields, IMG2IMG_FIELD), notes
+        return build_request(Img2ImgRequest, fields, IMG2IMG_FIELD, A1111Error), notes
 
     def parameters(self) -> dict:
         """The request as A1111 echoes it: without the images unless include_init_images."""

@@ -53,7 +53,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from hiresfix.images import Picture
-from hiresfix.schemas import GenerateRequest, ImageResponse, Img2ImgRequest, RequestError
+from hiresfix.schemas import (
+    GenerateRequest,
+    ImageResponse,
+    Img2ImgRequest,
+    RequestError,
+    build_request,
+)
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -334,23 +340,10 @@ class ImageGenerationRequest(_Knobs):  # type: ignore[misc,valid-type]  # built 
             fields["previews"] = self.partial_images or 0
         if fields["num_images"] > 4:
             raise OpenAIError("n", f"at most 4 images per request here (got {self.n})")
-        req = _build(GenerateRequest, fields, OPENAI_PARAM)
+        req = build_request(GenerateRequest, fields, OPENAI_PARAM, OpenAIError)
         return Mapped(
             req, (width, height), preset.name, self.response_format == "url", bool(self.stream)
         )
-
-
-def _build(model: type[BaseModel], fields: dict[str, Any], theirs: dict[str, str]) -> Any:
-    """Our request from mapped fields; a validation error names the parameter the client sent
-    (`theirs`: our field -> OpenAI's name for it)."""
-    try:
-        return model(**fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        ours = str(err["loc"][0]) if err["loc"] else "body"
-        raise OpenAIError(
-            theirs.get(ours, ours), err["msg"].removeprefix("Value error, ")
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -639,7 +632,7 @@ class _ImageForm(BaseModel):
             "output_format": self.output_format or "png",
             **{k: v for k, v in self.model_dump(include=knobs).items() if v is not None},
         }
-        req = _build(Img2ImgRequest, fields, IMG2IMG_RENAMED)
+        req = build_request(Img2ImgRequest, fields, IMG2IMG_RENAMED, OpenAIError)
         return Mapped(req, (width, height), quality, self.response_format == "url")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -486,3 +486,16 @@ class RequestError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field, self.message, self.status = field, message, status
         self.retry_after_s = retry_after_s  # 429 and 503: when the same request may succeed
+
+
+def build_request(
+    model: type[BaseModel], fields: dict, names: dict[str, str], error: type[RequestError]
+) -> Any:
+    """`model` from another API's mapped fields (A1111, OpenAI). A validation error becomes
+    `error`, naming the field as that API's client sent it (`names`: ours -> theirs)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ours = str(err["loc"][0]) if err["loc"] else "body"
+        raise error(names.get(ours, ours), err["msg"].removeprefix("Value error, ")) from None
