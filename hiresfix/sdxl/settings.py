@@ -74,8 +74,10 @@ class SDXLSettings(BaseModel):
         le=19,
         description=(
             "Niceness of this model's process, raised to at least this (0 = unchanged). Ray starts"
-            " every worker, the HTTP proxy and ingress too, at 15: on a CPU-only host 19 lets the"
-            " HTTP path answer refusals and /health first while inference fills every core."
+            " every worker, the HTTP proxy and ingress too, at 15: on a dedicated CPU-only host 19"
+            " lets the HTTP path answer refusals and /health first while inference fills every"
+            " core. Any other process at 0 (a client, Ray's own daemons) then starves inference:"
+            " not in the shared CPU profile."
         ),
     )
 
