@@ -76,8 +76,7 @@ class SDXLSettings(BaseModel):
             "Niceness of this model's process, raised to at least this (0 = unchanged). Ray starts"
             " every worker, the HTTP proxy and ingress too, at 15: on a dedicated CPU-only host 19"
             " lets the HTTP path answer refusals and /health first while inference fills every"
-            " core. Any other process at 0 (a client, Ray's own daemons) then starves inference:"
-            " not in the shared CPU profile."
+            " core; any other process at 0 (a client, Ray's own daemons) comes first."
         ),
     )
 
