@@ -58,6 +58,22 @@ def test_tiny_build_is_deterministic_and_idempotent(tiny_cache_dir, tmp_path):
         build_tiny_sdxl(tmp_path / "foreign")
 
 
+def test_tiny_build_by_concurrent_replicas_gives_one_complete_folder(tiny_cache_dir, tmp_path):
+    """A service's base and refine replicas build the same cache folder at the same moment; the
+    loser of the race once failed its rename and Serve restarted it (a second model load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "shared-cache" / "tiny-sdxl"
+    with ThreadPoolExecutor(3) as pool:
+        built = list(pool.map(lambda _: build_tiny_sdxl(target), range(3)))
+    assert built == [target] * 3
+    ref = tiny_cache_dir / "tiny-sdxl"
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
+    leftovers = [p.name for p in target.parent.iterdir() if p.is_dir() and p != target]
+    assert leftovers == [], leftovers  # no half-built temporary folder stays behind
+
+
 def test_tiny_source_builds_into_cache_dir(tmp_path, monkeypatch, base_stage):
     monkeypatch.setenv("HIRESFIX_CACHE_DIR", str(tmp_path / "env-cache"))
     s = SDXLSettings()

@@ -8,6 +8,7 @@ deterministic and respond to every parameter the way the real model does.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -81,13 +82,30 @@ def build_tiny_sdxl(folder: str | os.PathLike, refiner: bool = False) -> Path:
     model and a crash leaves nothing behind.
     """
     folder = Path(folder)
-    if (folder / _MARKER).is_file() and (folder / "model_index.json").is_file():
+    if _complete(folder):
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas of one app (base, refine) start together and build the same folder: one builds, the
+    # others wait on the lock and find it complete (without it the loser's rename failed and Serve
+    # restarted that replica: a whole extra model load at every service start).
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _complete(folder):
+            _build(folder, refiner)
+    return folder
+
+
+def _complete(folder: Path) -> bool:
+    if (folder / _MARKER).is_file() and (folder / "model_index.json").is_file():
+        return True
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} exists but is not a complete tiny SDXL (no {_MARKER}); delete it to rebuild"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _build(folder: Path, refiner: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     try:
@@ -101,14 +119,9 @@ def build_tiny_sdxl(folder: str | os.PathLike, refiner: bool = False) -> Path:
             for item in sorted(tmp.iterdir(), key=lambda p: p.name == _MARKER):
                 os.replace(item, folder / item.name)
         else:
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / _MARKER).is_file():  # lost a race to a complete folder: fine
-                    raise
+            os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def tiny_sdxl_pipeline(refiner: bool = False, workdir: str | os.PathLike | None = None):
