@@ -406,7 +406,7 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
     async def health(self) -> HealthResponse:
         # Replica health as the Serve controller sees it: no request to the (busy) replicas.
         infos, seen, jobs = await asyncio.gather(
-            self._stage_infos(), self.replicas.snapshot(), self._jobs_health()
+            self._stage_infos(), self.replicas.fresh(), self._jobs_health()
         )
         deployments = {
             name: {

@@ -188,7 +188,7 @@ class OpenAIRoutes:
     def _partial(self, png: bytes, size: tuple[int, int], fmt: str) -> tuple[str, str]:
         """A preview (latent size: 1/8) at the requested size (0, 0: 8x), in the requested
         format; and that size as WxH."""
-        pic = decode_image(base64.b64encode(png).decode())
+        pic = decode_image(png)  # our own PNG: bytes, no base64 round trip
         size = size if all(size) else (pic.width * 8, pic.height * 8)
         pic = resize_picture(pic, size)
         return encode_b64(pic, fmt, png_level=self.png_level), f"{size[0]}x{size[1]}"

@@ -395,14 +395,18 @@ def stream_event(kind: str, b64: str, mapped: Mapped, fmt: str, size: str, **ext
         "output_format": fmt,
         **extra,
     }
-    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+    return _sse(data)
 
 
 def stream_error(status: int, field: str, message: str, code: str | None = None) -> bytes:
     """A failure after the stream began (its 200 is sent): the SDK raises APIError on it."""
     _, body = openai_error(status, field, message, code)
-    data = {"type": "error", **body}
-    return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+    return _sse({"type": "error", **body})
+
+
+def _sse(data: dict) -> bytes:
+    """One server-sent event named after its `type`, as the SDK's stream parser expects."""
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def _check_stream(body: ImageGenerationRequest | EditRequest) -> None:

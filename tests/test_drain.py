@@ -31,6 +31,48 @@ def test_a_stage_is_gone_only_with_no_running_replica_and_not_healthy():
     assert seen.serves("Unknown") and Snapshot().serves("Upscaler")  # no opinion: Serve decides
 
 
+def test_a_replica_reconfigured_in_place_still_serves():
+    from deployments.watch import _serving
+
+    assert _serving({"UPDATING": 1}) == 1  # a user_config change: back in a moment
+    assert _serving({"RUNNING": 1, "STOPPING": 1, "STARTING": 1}) == 1
+    assert _serving({"STARTING": 1}) == 0  # may never be placed (its node is gone)
+
+
+def test_a_request_never_waits_for_the_controller_read(monkeypatch):
+    """ReplicaWatch answers from its last snapshot while a read is under way: a slow controller
+    delays what /health reports, never a request (a blocked read here would hang the test)."""
+    import asyncio
+    import threading
+
+    from deployments import watch
+
+    release, reads = threading.Event(), []
+
+    def slow_read() -> Snapshot:
+        reads.append(1)
+        assert release.wait(10), "the read was never released"
+        return Snapshot(states={"Upscaler": "UNHEALTHY"}, running={"Upscaler": 0}, at=1e18)
+
+    monkeypatch.setattr(watch, "_read", slow_read)
+
+    async def scenario():
+        w = watch.ReplicaWatch(ttl_s=1.0)
+        first = await asyncio.wait_for(w.has_replica("Upscaler"), 1.0)  # read still blocked
+        again = await asyncio.wait_for(w.has_replica("Upscaler"), 1.0)
+        fresh = asyncio.ensure_future(w.fresh())  # /health: waits for this read
+        await asyncio.sleep(0.05)
+        assert not fresh.done()
+        release.set()
+        seen = await asyncio.wait_for(fresh, 10)
+        return first, again, seen, await w.has_replica("Upscaler")
+
+    first, again, seen, after = asyncio.run(scenario())
+    assert first and again  # no opinion yet: Serve decides
+    assert len(reads) == 1  # one controller call for all of them
+    assert not seen.serves("Upscaler") and not after  # the read landed: the stage is gone
+
+
 def test_serve_run_wrapper_takes_the_address_serve_run_would(monkeypatch):
     from deployments.serve_run import _pop_address
 

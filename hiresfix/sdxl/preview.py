@@ -37,7 +37,7 @@ def preview_steps(previews: int, total_steps: int) -> frozenset[int]:
 
 def render_preview(latents: torch.Tensor) -> bytes:
     """The first image of a (batch, channels, h, w) latent batch as a PNG at latent size (1/8 of
-    the picture: small to hold and to send; resize_preview brings it to the picture's size)."""
+    the picture: small to hold and to send; the OpenAI stream resizes it to the picture's size)."""
     lat = latents[0].detach().to("cpu", torch.float32)
     if lat.shape[0] == _SDXL_FACTORS.shape[0]:
         rgb = torch.einsum("chw,cr->hwr", lat, _SDXL_FACTORS) + _SDXL_BIAS
