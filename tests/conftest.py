@@ -63,14 +63,30 @@ def random_gfpgan(tmp_path_factory) -> Path:
     return build_random_gfpgan(tmp_path_factory.mktemp("gfpgan") / "gfpgan-random.safetensors")
 
 
+_RUNNING_SERVICE: list = []  # the session's service while it runs (stopped early: below)
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, shared_weights, random_gfpgan):
     """The real Ray Serve app over HTTP, started once per run (ServeApp: .url, .log_tail())."""
     from tests.serve_harness import ServeApp
 
     app = ServeApp(tmp_path_factory.mktemp("serve"), shared_weights, random_gfpgan)
+    _RUNNING_SERVICE.append(app)
     try:
         app.wait_ready()
         yield app
     finally:
-        app.stop()
+        app.stop()  # a no-op when pytest_runtest_teardown stopped it
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on the shared service first (in their usual order), so it can stop before the
+    rest: idle, its 18 replicas take ~0.7 of this box's 2 cores, which the in-process tests and
+    the clusters of their own (test_chaos, test_drain) lost for the whole run."""
+    items.sort(key=lambda item: "service" not in item.fixturenames)  # stable
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _RUNNING_SERVICE and (nextitem is None or "service" not in nextitem.fixturenames):
+        _RUNNING_SERVICE.pop().stop()
