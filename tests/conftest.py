@@ -25,7 +25,7 @@ def _one_torch_thread():
     """Every test, and every fixture built between tests, runs on one torch thread.
 
     OMP_NUM_THREADS=1 gives a fresh torch one thread; this also undoes a test or fixture that set
-    more (an UpscalerBank without num_threads takes all cores). torch is never imported for it.
+    more (test_sdxl_loading's num_threads=2). torch is never imported for it.
     """
     _pin_torch_threads()
     yield

@@ -27,13 +27,20 @@ _threads_lock = threading.Lock()
 
 def configure_threads(num_threads: int | None) -> int:
     """Set torch's intra-op thread count (process-wide) when the bank is built, not per request:
-    all usable cores unless configured.
+    `num_threads`, else OMP_NUM_THREADS, else all usable cores.
 
+    OMP_NUM_THREADS is what ops (and Ray: 1 for a replica without num_cpus) set for every model
+    process on the host; the SDXL replicas honour it through torch. Taking all cores regardless
+    put a 2-thread upscaler beside busy SDXL replicas on a 2-core box: every parallel region waited
+    for a descheduled sibling thread and a 0.4 s upscale took 93 s (the autoscaling chaos test).
     torch defaults to the physical core count of the host, which in a container limited by CPU
     affinity oversubscribes; sched_getaffinity is what this process may actually use.
     """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if num_threads:
         want = num_threads
+    elif env.isdigit() and int(env) > 0:
+        want = int(env)
     elif hasattr(os, "sched_getaffinity"):
         want = len(os.sched_getaffinity(0))
     else:

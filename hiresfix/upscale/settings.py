@@ -108,7 +108,10 @@ class UpscalerSettings(WeightsFolder):
         ),
     )
     num_threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch; null = all cores."
+        None,
+        ge=1,
+        description="CPU threads for torch; null = OMP_NUM_THREADS when set (Ray sets 1 for a"
+        " replica without num_cpus), else all usable cores.",
     )
     cpu_nice: int = Field(
         0,
