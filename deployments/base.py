@@ -11,8 +11,7 @@ from deployments.progress import Reporter
 from hiresfix.images import Picture
 from hiresfix.schedule import hires_steps_run
 from hiresfix.schemas import GenerateRequest, Img2ImgRequest
-from hiresfix.sdxl import BaseStage, SDXLSettings, load_base_pipeline
-from hiresfix.sdxl.img2img import Img2ImgStage
+from hiresfix.sdxl import SDXLSettings
 from hiresfix.sdxl.preview import preview_steps, render_preview
 from hiresfix.stages import ImageBatch
 
@@ -20,6 +19,11 @@ from hiresfix.stages import ImageBatch
 @serve.deployment(name="SDXLBase")
 class SDXLBase:
     def __init__(self, *, settings: dict, progress: DeploymentHandle, report_interval_s: float):
+        # The model code is imported here, in the replica: `serve run` and the controller's build
+        # import this module (deployments/graph.py) and need only the class.
+        from hiresfix.sdxl import BaseStage, load_base_pipeline
+        from hiresfix.sdxl.img2img import Img2ImgStage
+
         self.settings = SDXLSettings.model_validate(settings)
         self.progress = Reporter(progress, report_interval_s)
         metrics.use_serve_logging()

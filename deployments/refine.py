@@ -14,7 +14,7 @@ from deployments.cancel import run_cancellable
 from deployments.progress import Reporter
 from hiresfix.face import FaceRestorer, FaceSettings
 from hiresfix.schemas import GenerateRequest
-from hiresfix.sdxl import RefineStage, SDXLSettings, load_refine_pipeline
+from hiresfix.sdxl import SDXLSettings
 from hiresfix.stages import ImageBatch
 
 
@@ -23,6 +23,8 @@ class RefineFace:
     def __init__(
         self, *, sdxl: dict, face: dict, progress: DeploymentHandle, report_interval_s: float
     ):
+        from hiresfix.sdxl import RefineStage, load_refine_pipeline  # in the replica: see base.py
+
         self.settings = SDXLSettings.model_validate(sdxl)
         self.progress = Reporter(progress, report_interval_s)
         metrics.use_serve_logging()

@@ -9,21 +9,22 @@ A1111's `current_image` and OpenAI's `partial_images` (hiresfix/schemas.py `prev
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
+
 # RGB = latent @ FACTORS + BIAS, fitted on SDXL's VAE (the values the community previewers use).
-_SDXL_FACTORS = torch.tensor(
-    [
-        [0.3651, 0.4232, 0.4341],
-        [-0.2533, -0.0042, 0.1068],
-        [0.1076, 0.1111, -0.0362],
-        [-0.3165, -0.2492, -0.2188],
-    ]
+_SDXL_FACTORS = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
 )
-_SDXL_BIAS = torch.tensor([0.1084, -0.0175, -0.0011])
+_SDXL_BIAS = (0.1084, -0.0175, -0.0011)
 
 
 def preview_steps(previews: int, total_steps: int) -> frozenset[int]:
@@ -38,9 +39,13 @@ def preview_steps(previews: int, total_steps: int) -> frozenset[int]:
 def render_preview(latents: torch.Tensor) -> bytes:
     """The first image of a (batch, channels, h, w) latent batch as a PNG at latent size (1/8 of
     the picture: small to hold and to send; the OpenAI stream resizes it to the picture's size)."""
+    import torch  # loaded in the replica by then; importing this module needs no torch
+
     lat = latents[0].detach().to("cpu", torch.float32)
-    if lat.shape[0] == _SDXL_FACTORS.shape[0]:
-        rgb = torch.einsum("chw,cr->hwr", lat, _SDXL_FACTORS) + _SDXL_BIAS
+    if lat.shape[0] == len(_SDXL_FACTORS):
+        rgb = torch.einsum("chw,cr->hwr", lat, torch.tensor(_SDXL_FACTORS)) + torch.tensor(
+            _SDXL_BIAS
+        )
         rgb = (rgb.clamp(-1, 1) + 1) * 127.5
     else:  # another latent space (a test model): its first three channels, stretched
         rgb = lat[:3].permute(1, 2, 0)
