@@ -327,11 +327,14 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
                 if i == lost:
                     raise StageLost(i)
                 prev = await response
-            except (*STAGE_GONE, StageLost):
+            except (*STAGE_GONE, StageLost) as exc:
                 if call.fallback is None or prev is None:
                     raise
-                log.warning(
-                    "stage %s.%s unavailable; using its fallback", call.deployment, call.method
+                log.warning(  # which Serve error: a lost replica, a lost node, no replica left
+                    "stage %s.%s unavailable (%s); using its fallback",
+                    call.deployment,
+                    call.method,
+                    type(exc).__name__,
                 )
                 out = await asyncio.to_thread(call.fallback, prev, *call.args)
                 return await self._chain(plan[i + 1 :], out)
