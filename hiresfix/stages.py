@@ -36,6 +36,9 @@ class ImageBatch:
     latents: Any = None
     # The request's id, carried from stage to stage so each can report progress (GET /progress).
     request_id: str | None = None
+    # stage -> (requests, images) of the one model call this batch's pictures shared with others'
+    # (hiresfix.sdxl run_batch / hires_batch; (1, n): alone). Not part of the response.
+    shared: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = round(self.timings.get(stage, 0.0) + seconds, 4)

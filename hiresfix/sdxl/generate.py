@@ -13,16 +13,26 @@ same request on the same machine gives the same pictures bit for bit, overlappin
 Concurrency: one stage object serves overlapping requests from several threads. The heavy modules
 are shared read-only; everything diffusers keeps per call (scheduler state, _guidance_scale,
 _num_timesteps, ...) lives on a per-request pipeline object that only wraps them.
+
+Batching: run_batch / hires_batch run the jobs of several compatible requests (equal
+hiresfix.sdxl.batching keys) as ONE diffusers call: each job's prompt is encoded on its own, its
+embeddings repeated once per image, and the rows of all jobs concatenated, with one CPU generator
+per image as above; the output rows are split back per job. run and hires are the one-job case.
+Each job's on_step sees only its own rows of the latents. A job whose on_step raises (its client
+went away) is dropped from the call and gets that exception as its outcome; the others go on. A job
+whose on_step answers True (interrupt/skip) only stops its progress reporting: its picture is the
+call's final one, unless every remaining job stopped too, which ends the call early.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +40,25 @@ import torch
 from hiresfix.images import Picture
 from hiresfix.schedule import hires_schedule_length
 from hiresfix.schemas import SEED_MAX, GenerateRequest
+from hiresfix.sdxl.batching import (
+    BASE_KEY_FIELDS,
+    HIRES_KEY_FIELDS,
+    base_key,
+    check_one_key,
+    hires_key,
+)
 from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.stages import ImageBatch
 
 # (step index, timestep) -> stop early?: progress, tests, cancellation, interrupt
 # (step index, timestep, latents after the step) -> stop early?
 StepCallback = Callable[[int, int, Any], bool | None]
+# A job of a shared call: the request (with, for hires, its upscaled pictures) and its callback.
+BaseJob = tuple[GenerateRequest, StepCallback | None]
+HiresJob = tuple[ImageBatch, GenerateRequest, StepCallback | None]
+# One per job, in order: its ImageBatch, or the exception its on_step raised (the job was dropped
+# from the call there), as asyncio.gather(..., return_exceptions=True) answers.
+Outcome = ImageBatch | Exception
 
 # Fast (Rust) tokenizers keep padding/truncation settings on themselves and SDXL's encode_prompt
 # switches them within each call, so overlapping calls pad with each other's settings (mismatched
@@ -53,34 +76,52 @@ class BaseStage:
         self._serial = _vae_guard(pipe)
 
     def run(self, req: GenerateRequest, *, on_step: StepCallback | None = None) -> ImageBatch:
+        return _only(self.run_batch([(req, on_step)]))
+
+    def run_batch(self, jobs: Sequence[BaseJob]) -> list[Outcome]:
+        """The base pass of several requests with one base_key as one diffusers call.
+
+        Returns one outcome per job (see Outcome). Raises ValueError for jobs of different keys,
+        and whatever the call itself raises (out of memory, ...) for all of them."""
         start = time.perf_counter()
-        seeds = request_seeds(req.seed, req.num_images)
+        reqs = [req for req, _ in jobs]
+        check_one_key([base_key(r) for r in reqs], BASE_KEY_FIELDS)
+        req = reqs[0]  # every field the call takes is equal across the jobs
+        seeds = [request_seeds(r.seed, r.num_images) for r in reqs]
         pipe = request_pipeline(self.pipe, req.scheduler)
-        embeds = encode_prompt(pipe, req.prompt, req.negative_prompt, req.guidance_scale)
+        embeds = [
+            encode_prompt(pipe, r.prompt, r.negative_prompt, req.guidance_scale) for r in reqs
+        ]
         ensemble = req.refiner_switch_at is not None
+        members = _Members([on_step for _, on_step in jobs], [len(s) for s in seeds])
         with self._serial:
-            out = pipe(
-                **embeds,
+            out = members.call(
+                pipe,
+                **_rows(embeds, members.counts),
                 width=req.width,
                 height=req.height,
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=req.guidance_scale,
-                num_images_per_prompt=req.num_images,
-                generator=generators(seeds),
+                num_images_per_prompt=1,  # the rows are already one per image
+                generator=generators(list(itertools.chain(*seeds))),
                 # Ensemble-of-experts: stop at the switch point and hand over still-noisy latents.
                 denoising_end=req.refiner_switch_at,
                 output_type="latent" if ensemble else "pil",
-                callback_on_step_end=_diffusers_callback(on_step),
             )
-        if ensemble:
-            # On the CPU: the batch may be pickled to a refine replica on another device.
-            batch = ImageBatch(pictures=[], seeds=list(seeds), latents=out.images.cpu())
-        else:
-            batch = ImageBatch(
-                pictures=[Picture.from_pil(im) for im in out.images], seeds=list(seeds)
-            )
-        batch.add_time("base", time.perf_counter() - start)
-        return batch
+        outcomes = []
+        # On the CPU: the batch may be pickled to a refine replica on another device.
+        images = None if out is None else out.images.cpu() if ensemble else out.images
+        for part, job_seeds in zip(members.split(images), seeds):
+            if isinstance(part, Exception):
+                outcomes.append(part)
+            elif ensemble:
+                # A clone: a slice would pickle the whole call's latents with each job.
+                outcomes.append(ImageBatch(pictures=[], seeds=job_seeds, latents=part.clone()))
+            else:
+                pictures = [Picture.from_pil(im) for im in part]
+                outcomes.append(ImageBatch(pictures=pictures, seeds=job_seeds))
+        members.record(outcomes, "base", time.perf_counter() - start)
+        return outcomes
 
 
 class RefineStage:
@@ -92,47 +133,76 @@ class RefineStage:
         self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None
     ) -> ImageBatch:
         """A1111 hires fix, second pass: img2img of pictures already resized to the hires size."""
+        return _only(self.hires_batch([(batch, req, on_step)]))
+
+    def hires_batch(self, jobs: Sequence[HiresJob]) -> list[Outcome]:
+        """The hires pass of several requests with one hires_key as one diffusers call.
+
+        Returns one outcome per job (see Outcome); the input batches are not modified. Raises
+        ValueError for pictures off the latent grid (the size is part of the key: a whole group
+        is refused together) or jobs of different keys, and whatever the call itself raises."""
         start = time.perf_counter()
-        pictures = batch.pictures
-        sizes = {p.size for p in pictures}
-        if not pictures or len(sizes) != 1 or any(v % 8 for v in next(iter(sizes))):
-            raise ValueError(
-                f"hires needs pictures of one size, multiples of 8 (got {sorted(sizes)})"
-            )
-        seeds = _batch_seeds(batch, len(pictures))
+        for batch, _, _ in jobs:
+            sizes = {p.size for p in batch.pictures}
+            if not batch.pictures or len(sizes) != 1 or any(v % 8 for v in next(iter(sizes))):
+                raise ValueError(
+                    f"hires needs pictures of one size, multiples of 8 (got {sorted(sizes)})"
+                )
+        batches = [batch for batch, _, _ in jobs]
+        reqs = [req for _, req, _ in jobs]
+        req = reqs[0]  # every field the call takes is equal across the jobs
         pipe = request_pipeline(self.pipe, req.hires_scheduler or req.scheduler)
+        train_steps = pipe.scheduler.config.num_train_timesteps
+        check_one_key(
+            [hires_key(b, r, train_steps) for b, r in zip(batches, reqs)], HIRES_KEY_FIELDS
+        )
+        seeds = [_batch_seeds(b, len(b.pictures)) for b in batches]
         cfg = req.guidance_scale if req.hires_guidance_scale is None else req.hires_guidance_scale
-        embeds = encode_prompt(
-            pipe,
-            req.hires_prompt or req.prompt,
-            req.hires_negative_prompt or req.negative_prompt,
-            cfg,
-        )
+        embeds = [
+            encode_prompt(
+                pipe,
+                r.hires_prompt or r.prompt,
+                r.hires_negative_prompt or r.negative_prompt,
+                cfg,
+            )
+            for r in reqs
+        ]
         steps = hires_schedule_length(
-            req.num_inference_steps,
-            req.hires_steps,
-            req.denoising_strength,
-            pipe.scheduler.config.num_train_timesteps,
+            req.num_inference_steps, req.hires_steps, req.denoising_strength, train_steps
         )
+        members = _Members([on_step for _, _, on_step in jobs], [len(s) for s in seeds])
         with self._serial:
-            out = pipe(
-                **embeds,
-                image=[p.to_pil() for p in pictures],
+            out = members.call(
+                pipe,
+                **_rows(embeds, members.counts),
+                image=[p.to_pil() for b in batches for p in b.pictures],
                 strength=req.denoising_strength,
                 num_inference_steps=steps,
                 guidance_scale=cfg,
-                num_images_per_prompt=len(pictures),
-                generator=generators(seeds),
-                callback_on_step_end=_diffusers_callback(on_step),
+                num_images_per_prompt=1,  # the rows are already one per picture
+                generator=generators(list(itertools.chain(*seeds))),
             )
-        refined = [
-            p.with_pixels(Picture.from_pil(im).rgb, p.alpha) for p, im in zip(pictures, out.images)
-        ]
-        result = dataclasses.replace(
-            batch, pictures=refined, seeds=list(seeds), timings=dict(batch.timings)
-        )
-        result.add_time("refine", time.perf_counter() - start)
-        return result
+        outcomes = []
+        parts = members.split(None if out is None else out.images)
+        for batch, job_seeds, part in zip(batches, seeds, parts):
+            if isinstance(part, Exception):
+                outcomes.append(part)
+                continue
+            refined = [
+                p.with_pixels(Picture.from_pil(im).rgb, p.alpha)
+                for p, im in zip(batch.pictures, part)
+            ]
+            outcomes.append(
+                dataclasses.replace(
+                    batch,
+                    pictures=refined,
+                    seeds=job_seeds,
+                    timings=dict(batch.timings),
+                    shared=dict(batch.shared),
+                )
+            )
+        members.record(outcomes, "refine", time.perf_counter() - start)
+        return outcomes
 
     def finish(
         self, batch: ImageBatch, req: GenerateRequest, *, on_step: StepCallback | None = None
@@ -215,6 +285,84 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str, guidance_scale: float
         "negative_prompt_embeds": npe if cfg else None,
         "negative_pooled_prompt_embeds": npooled if cfg else None,
     }
+
+
+class _NobodyLeft(Exception):
+    """Every job of a shared call was dropped: nobody wants its pictures."""
+
+
+class _Members:
+    """The jobs of one shared diffusers call: which rows of its batch are whose, and each one's
+    on_step, called with its own rows of the latents, so previews and cancellation stay per job."""
+
+    def __init__(self, on_steps: list[StepCallback | None], counts: list[int]):
+        self.on_steps = on_steps
+        self.counts = counts
+        ends = list(itertools.accumulate(counts))
+        self.rows = [slice(end - n, end) for end, n in zip(ends, counts)]
+        self.failed: dict[int, Exception] = {}
+        self.stopped: set[int] = set()
+
+    def call(self, pipe, **kwargs):
+        """pipe(**kwargs) with the joint step callback; None when every job was dropped."""
+        callback = self._callback if any(self.on_steps) else None
+        try:
+            return pipe(**kwargs, callback_on_step_end=callback)
+        except _NobodyLeft:
+            return None
+
+    def _callback(self, pipe, step_index, timestep, tensors):
+        # `tensors` holds the latents (diffusers' default callback_on_step_end_tensor_inputs):
+        # the step's previews are drawn from them.
+        latents = tensors.get("latents")
+        for j, on_step in enumerate(self.on_steps):
+            if on_step is None or j in self.failed or j in self.stopped:
+                continue
+            rows = None if latents is None else latents[self.rows[j]]
+            try:
+                if on_step(int(step_index), int(timestep), rows):
+                    self.stopped.add(j)  # interrupt/skip: no more progress for this job
+            except Exception as exc:  # RequestCancelled and the like: this job's outcome
+                self.failed[j] = exc
+        if len(self.failed) == len(self.on_steps):
+            # Abandon the call, as a lone request's raising on_step always did.
+            raise _NobodyLeft
+        if len(self.failed) + len(self.stopped) == len(self.on_steps):
+            # Every job left asked to stop early (A1111's interrupt/skip): diffusers skips the
+            # remaining steps and decodes the latents as they are now.
+            pipe._interrupt = True
+        return {}
+
+    def split(self, images) -> list[Any]:
+        """Each job's rows of the call's output, or the exception that dropped it."""
+        return [
+            self.failed[j] if j in self.failed else images[rows] for j, rows in enumerate(self.rows)
+        ]
+
+    def record(self, outcomes: list[Outcome], stage: str, seconds: float) -> None:
+        # Each job reports the wall time of the whole shared call, and how many shared it.
+        for outcome in outcomes:
+            if isinstance(outcome, ImageBatch):
+                outcome.add_time(stage, seconds)
+                outcome.shared[stage] = (len(self.counts), sum(self.counts))
+
+
+def _rows(embeds: list[dict], counts: list[int]) -> dict:
+    """The embeddings of the call's batch: each job's repeated once per image, jobs in order (the
+    order of the generators)."""
+    return {
+        key: None
+        if embeds[0][key] is None
+        else torch.cat([e[key].repeat_interleave(n, dim=0) for e, n in zip(embeds, counts)])
+        for key in embeds[0]
+    }
+
+
+def _only(outcomes: list[Outcome]) -> ImageBatch:
+    (outcome,) = outcomes
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _batch_seeds(batch: ImageBatch, n: int) -> list[int]:
