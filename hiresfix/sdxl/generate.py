@@ -83,6 +83,8 @@ class BaseStage:
 
         Returns one outcome per job (see Outcome). Raises ValueError for jobs of different keys,
         and whatever the call itself raises (out of memory, ...) for all of them."""
+        if not jobs:
+            return []
         start = time.perf_counter()
         reqs = [req for req, _ in jobs]
         check_one_key([base_key(r) for r in reqs], BASE_KEY_FIELDS)
@@ -141,6 +143,8 @@ class RefineStage:
         Returns one outcome per job (see Outcome); the input batches are not modified. Raises
         ValueError for pictures off the latent grid (the size is part of the key: a whole group
         is refused together) or jobs of different keys, and whatever the call itself raises."""
+        if not jobs:
+            return []
         start = time.perf_counter()
         for batch, _, _ in jobs:
             sizes = {p.size for p in batch.pictures}
