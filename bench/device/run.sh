@@ -17,6 +17,9 @@ x4=.whl/realesr-animevideov3-x4.safetensors
   echo "== SDXL full size, random weights: base 768/30 steps, x2 upscale to 1536, refine 0.5, whole hires fix"
   echo "   (issue 14 goals: base <= 1.2 s, x2plus <= 30 ms, refine <= 1.2 s, hires fix <= 2.5 s, peak <= 9 GiB)"
   timeout 240 python3 bench/gpu_sdxl.py --size 768 --steps 30 --repeats 2
+  echo "== SDXL batching: 8 requests 768 px / 10 steps (hires 1536, 5 steps), one at a time vs one call per stage"
+  echo "   (goal: batched >= 1.6x the images/s of one at a time)"
+  timeout 150 python3 bench/sdxl_batch.py --full --device cuda --size 768 --steps 10 --batch 8 --repeats 2
   echo "== upscaler: RealESRGAN_x2plus-shaped, 768 -> 1536, fp16: product vs the best plain forward"
   echo "   (eager, NHWC, torch.compile reduce-overhead = CUDA graphs); goal <= 1.1x of the best, <= 30 ms"
   timeout 200 python3 bench/gpu_upscale.py --size 768 --dtype fp16 --tiles 800 --runs 7 \
