@@ -1,4 +1,8 @@
-"""The SDXL base deployment: text -> base images (or latents for ensemble-of-experts)."""
+"""The SDXL base deployment: text -> base images (or latents for ensemble-of-experts).
+
+Compatible /generate requests that arrive together share one diffusers call (@serve.batch, sized
+by user_config in YAML; hiresfix.sdxl.batching says which requests are compatible).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
-from deployments.cancel import run_cancellable
+from deployments.cancel import run_batched, run_cancellable
 from deployments.progress import Reporter
 from hiresfix.images import Picture
 from hiresfix.schedule import hires_steps_run
 from hiresfix.schemas import GenerateRequest, Img2ImgRequest
 from hiresfix.sdxl import SDXLSettings
+from hiresfix.sdxl.batching import run_groups
 from hiresfix.sdxl.preview import preview_steps, render_preview
 from hiresfix.stages import ImageBatch
 
@@ -33,9 +38,14 @@ class SDXLBase:
         self.stage = BaseStage(self.pipe)
         self.img2img_stage = Img2ImgStage(self.pipe)  # POST /img2img: the same modules
 
+    def reconfigure(self, config: dict) -> None:
+        # user_config in YAML: the batching knobs change without restarting the replica.
+        self._generate.set_max_batch_size(int(config.get("max_batch_size", 1)))
+        self._generate.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
     async def generate(self, req: GenerateRequest, request_id: str | None = None) -> ImageBatch:
-        batch = await run_cancellable(
-            lambda on_step: self.stage.run(req, on_step=on_step),
+        batch = await run_batched(
+            lambda on_step: self._generate((req, on_step)),
             "generate",
             self.progress.stepper(
                 request_id,
@@ -44,9 +54,19 @@ class SDXLBase:
                 render_preview,
             ),
         )
+        if isinstance(batch, Exception):  # this request's own step callback ended it
+            raise batch
         batch.request_id = request_id  # travels with the pictures: later stages report under it
         metrics.record_gpu_memory("base")
         return batch
+
+    # Two calls overlap, as two requests always could (one encodes or decodes while the other
+    # denoises); max_ongoing_requests bounds both together.
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def _generate(self, jobs: list) -> list:
+        # Log lines name the batch's requests (deployments/metrics.py).
+        run = metrics.with_request_ids(metrics.batch_request_ids(), self.stage.run_batch)
+        return await run_groups(jobs, self.stage.batch_key, run)
 
     async def img2img(
         self, batch: ImageBatch, req: Img2ImgRequest, size: tuple[int, int], mask: Picture | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -29,6 +29,26 @@ async def run_cancellable(
 ) -> T:
     """`progress(steps_done, latents)` is called from the worker thread after each step; when it
     answers True (an A1111 interrupt or skip), the model code stops early and keeps what it has."""
+    return await _until_stopped(lambda on_step: asyncio.to_thread(work, on_step), what, progress)
+
+
+async def run_batched(
+    submit: Callable[[Callable[..., bool]], Awaitable[T]],
+    what: str,
+    progress: Callable[[int, Any], bool | None] | None = None,
+) -> T:
+    """The same for a job that shares one model call with other requests' (`submit(on_step)`
+    awaits a @serve.batch method). After a cancel its on_step raises at the next step, which drops
+    only this job from the call; the slot is kept until the shared call ends, since the call
+    still computes this job's rows."""
+    return await _until_stopped(submit, what, progress)
+
+
+async def _until_stopped(
+    start: Callable[[Callable[..., bool]], Awaitable[T]],
+    what: str,
+    progress: Callable[[int, Any], bool | None] | None,
+) -> T:
     stop = threading.Event()
     steps = [0]
 
@@ -39,12 +59,12 @@ async def run_cancellable(
             raise RequestCancelled(f"{what} cancelled at step {steps[0]}")
         return bool(early)
 
-    task = asyncio.ensure_future(asyncio.to_thread(work, on_step))
+    task = asyncio.ensure_future(start(on_step))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
-        # Keep the replica slot until the thread has really stopped (at most one step away).
+        # Keep the replica slot until the work has really stopped (alone: one step away).
         await asyncio.wait([task])
         log.warning(
             "%s cancelled by the client or its timeout; stopped after step %d", what, steps[0]

@@ -1,5 +1,6 @@
 """The refine/face deployment: hires-fix img2img, the ensemble-of-experts finish, and face
-restoration."""
+restoration. Compatible hires passes that arrive together share one diffusers call (@serve.batch,
+sized by user_config in YAML, as in deployments/base.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
-from deployments.cancel import run_cancellable
+from deployments.cancel import run_batched, run_cancellable
 from deployments.progress import Reporter
 from hiresfix.face import FaceRestorer, FaceSettings
 from hiresfix.schemas import GenerateRequest
 from hiresfix.sdxl import SDXLSettings
+from hiresfix.sdxl.batching import run_groups
 from hiresfix.stages import ImageBatch
 
 
@@ -43,12 +45,26 @@ class RefineFace:
             self.progress.stepper(batch.request_id, "finish"),
         )
 
+    def reconfigure(self, config: dict) -> None:
+        # user_config in YAML: the batching knobs change without restarting the replica.
+        self._hires.set_max_batch_size(int(config.get("max_batch_size", 1)))
+        self._hires.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
     async def hires(self, batch: ImageBatch, req: GenerateRequest) -> ImageBatch:
-        return await run_cancellable(
-            lambda on_step: self.stage.hires(batch, req, on_step=on_step),
+        result = await run_batched(
+            lambda on_step: self._hires((batch, req, on_step)),
             "hires",
             self.progress.stepper(batch.request_id, "hires"),
         )
+        if isinstance(result, Exception):  # this request's own step callback ended it
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def _hires(self, jobs: list) -> list:
+        # As SDXLBase._generate: two calls may overlap, log lines name the batch's requests.
+        run = metrics.with_request_ids(metrics.batch_request_ids(), self.stage.hires_batch)
+        return await run_groups(jobs, self.stage.batch_key, run)
 
     async def restore_faces(
         self, batch: ImageBatch, weight: float, model: str | None

@@ -388,6 +388,13 @@ class ImageResponse(BaseModel):
     request_id: str | None = Field(
         None, description="/generate: the X-Request-ID sent, or one assigned."
     )
+    batched_with: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "base, refine: how many requests (this one included) shared the stage's model call;"
+            " 1 = it ran alone. Sizes come from the deployment's user_config max_batch_size."
+        ),
+    )
 
 
 class ProgressInfo(BaseModel):

@@ -37,7 +37,7 @@ class ImageBatch:
     # The request's id, carried from stage to stage so each can report progress (GET /progress).
     request_id: str | None = None
     # stage -> (requests, images) of the one model call this batch's pictures shared with others'
-    # (hiresfix.sdxl run_batch / hires_batch; (1, n): alone). Not part of the response.
+    # (hiresfix.sdxl run_batch / hires_batch; (1, n): alone). The answer's batched_with.
     shared: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -74,6 +74,7 @@ class ImageBatch:
             output_format=output_format,
             timings=self.timings,
             request_id=request_id,
+            batched_with={stage: requests for stage, (requests, _) in self.shared.items()},
         )
 
 

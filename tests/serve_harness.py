@@ -46,6 +46,8 @@ def make_test_config(
     cfg = yaml.safe_load((REPO / "serve_config.cpu.yaml").read_text())
     cfg["http_options"]["port"] = port
     args = cfg["applications"][0]["args"]
+    # One tiny-SDXL folder for every app: the first replica builds it, the others wait on its
+    # lock and load it (hiresfix/sdxl/tiny.py), instead of six builds at once on two cores.
     args["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache")
     corrupt = tmp / "corrupt.safetensors"
     corrupt.write_bytes(b"this is not a safetensors file" * 10)
@@ -92,6 +94,10 @@ def make_test_config(
         "max_output_side": 2048,
     }
     args["jobs"] = dict(TEST_JOBS)  # in memory; callbacks to this machine (tests/test_jobs.py)
+    # The SDXL stages batch compatible requests (tests/test_service.py), as serve_config.yaml does.
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"] in ("SDXLBase", "RefineFace"):
+            d["user_config"] = dict(TEST_SDXL_BATCHING)
     if not nolib:
         return cfg
     # A second copy of the app whose upscaler replica runs on an interpreter that really lacks
@@ -100,7 +106,6 @@ def make_test_config(
     # it from a Secret), with a per-key limit of 1 running request.
     nolib = copy.deepcopy(cfg["applications"][0])
     nolib.update(name="nolib", route_prefix="/nolib")
-    nolib["args"]["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache-nolib")
     nolib["args"]["http"] = {
         **nolib["args"].get("http", {}),
         "docs_public": False,
@@ -134,6 +139,8 @@ FUZZ_LIMITS = {
 }
 
 
+TEST_SDXL_BATCHING = {"max_batch_size": 2, "batch_wait_timeout_s": 0.05}
+
 # Jobs (POST /jobs/{kind}) one at a time, so a second job waits; a lost runner's lease lapses
 # in seconds (tests/test_jobs.py kills a Jobs replica).
 TEST_JOBS = {
@@ -154,7 +161,6 @@ def fuzz_app(main: dict, tmp: Path) -> dict:
     app = copy.deepcopy(main)
     app.update(name="fuzz", route_prefix="/fuzz")
     args = app["args"]
-    args["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache-fuzz")
     args["upscaler"]["models"] = args["upscaler"]["models"][:1]
     args["face"] = {**args["face"], "models": args["face"]["models"][:1]}
     args["limits"] = dict(FUZZ_LIMITS)

@@ -7,12 +7,14 @@ each job's on_step sees its own rows, and cancelling or stopping one job leaves 
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from hiresfix.sdxl.batching import base_key, group, hires_key
+from deployments.cancel import run_batched
+from hiresfix.sdxl.batching import base_key, group, hires_key, run_groups
 from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled
 
 # Batched vs alone on this CPU: pictures within 2/255 (2 steps of 8 bits), latents within 1e-4.
@@ -286,3 +288,69 @@ def test_hires_batch_refuses_incompatible_jobs(refine_stage, ups):
     b = b.model_copy(update={"denoising_strength": 0.7})
     with pytest.raises(ValueError, match="denoising_strength"):
         refine_stage.hires_batch([(up_a, a, None), (up_b, b, None)])
+
+
+# --- a @serve.batch's jobs (hiresfix.sdxl.batching.run_groups, deployments/cancel.run_batched) ---
+
+
+def test_run_groups_shares_calls_between_compatible_jobs_only(base_stage):
+    a, b = make_req(**REQ_A), make_req(**REQ_B)
+    c = make_req(**{**REQ_B, "num_inference_steps": 2})  # another schedule: a call of its own
+    outcomes = asyncio.run(
+        run_groups([(a, None), (c, None), (b, None)], base_stage.batch_key, base_stage.run_batch)
+    )
+    assert [o.shared["base"][0] for o in outcomes] == [2, 1, 2]
+    for req, outcome in zip((a, c, b), outcomes):
+        assert close(outcome, base_stage.run(req))
+
+
+def test_run_groups_gives_a_groups_error_to_its_jobs_only(base_stage):
+    def run_batch(jobs):
+        if jobs[0][0].num_inference_steps == 2:
+            raise MemoryError("out of memory")
+        return base_stage.run_batch(jobs)
+
+    a, c = make_req(**REQ_A), make_req(**{**REQ_B, "num_inference_steps": 2})
+    out_a, out_c = asyncio.run(run_groups([(a, None), (c, None)], base_stage.batch_key, run_batch))
+    assert isinstance(out_c, MemoryError) and not isinstance(out_a, Exception)
+
+
+def test_a_cancelled_request_leaves_the_shared_call_and_the_other_gets_its_pictures(base_stage):
+    """Two requests in one shared call (as @serve.batch hands them over); the client of the first
+    goes away during the denoising: its on_step raises at the next step, only it is dropped, and
+    its slot is held until the shared call ends."""
+    a = make_req(**{**REQ_A, "num_inference_steps": 12})
+    b = make_req(**{**REQ_B, "num_inference_steps": 12})
+    steps_a: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        queued: list = []
+        ended: list[bool] = []
+
+        async def submit(job):  # stands in for @serve.batch: the second job starts the call
+            future = loop.create_future()
+            queued.append((job, future))
+            if len(queued) == 2:
+                jobs = [j for j, _ in queued]
+                outcomes = await run_groups(jobs, base_stage.batch_key, base_stage.run_batch)
+                ended.append(True)
+                for (_, f), outcome in zip(queued, outcomes):
+                    f.set_result(outcome)
+            return await future
+
+        first = asyncio.ensure_future(
+            run_batched(lambda on_step: submit((a, on_step)), "a", lambda n, _: steps_a.append(n))
+        )
+        second = asyncio.ensure_future(run_batched(lambda on_step: submit((b, on_step)), "b"))
+        while len(steps_a) < 2:
+            await asyncio.sleep(0.005)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert ended  # the slot was held until the shared call ended
+        return await second
+
+    out_b = asyncio.run(main())
+    assert 2 <= len(steps_a) < 12  # dropped at the step after the cancel
+    assert close(out_b, base_stage.run(b))

@@ -18,7 +18,8 @@ negative prompt embeddings, seed, number of images); everything else is one argu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+import asyncio
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from hiresfix.schedule import hires_schedule_length
@@ -72,3 +73,21 @@ def check_one_key(keys: list[tuple], fields: tuple[str, ...]) -> None:
                     f"jobs 0 and {i} cannot share one diffusers call: {name} {a!r} != {b!r}"
                     " (group them with hiresfix.sdxl.batching first)"
                 )
+
+
+async def run_groups(
+    jobs: Sequence[T], key: Callable[[T], Hashable], run_batch: Callable[[list[T]], list]
+) -> list:
+    """The jobs of one @serve.batch: each group of equal keys as one `run_batch` call in a worker
+    thread, the groups side by side (as separate requests always ran). One outcome per job, in
+    order; an error of a group's call itself is the outcome of each of its jobs."""
+    groups = group(jobs, key)
+    results = await asyncio.gather(
+        *(asyncio.to_thread(run_batch, [jobs[i] for i in g]) for g in groups),
+        return_exceptions=True,
+    )
+    outcomes: list = [None] * len(jobs)
+    for indices, result in zip(groups, results):
+        for k, i in enumerate(indices):
+            outcomes[i] = result if isinstance(result, BaseException) else result[k]
+    return outcomes

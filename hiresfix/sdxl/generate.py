@@ -78,6 +78,10 @@ class BaseStage:
     def run(self, req: GenerateRequest, *, on_step: StepCallback | None = None) -> ImageBatch:
         return _only(self.run_batch([(req, on_step)]))
 
+    def batch_key(self, job: BaseJob) -> tuple:
+        """Jobs of equal keys can share one run_batch call."""
+        return base_key(job[0])
+
     def run_batch(self, jobs: Sequence[BaseJob]) -> list[Outcome]:
         """The base pass of several requests with one base_key as one diffusers call.
 
@@ -136,6 +140,10 @@ class RefineStage:
     ) -> ImageBatch:
         """A1111 hires fix, second pass: img2img of pictures already resized to the hires size."""
         return _only(self.hires_batch([(batch, req, on_step)]))
+
+    def batch_key(self, job: HiresJob) -> tuple:
+        """Jobs of equal keys can share one hires_batch call."""
+        return hires_key(job[0], job[1], self.pipe.scheduler.config.num_train_timesteps)
 
     def hires_batch(self, jobs: Sequence[HiresJob]) -> list[Outcome]:
         """The hires pass of several requests with one hires_key as one diffusers call.
