@@ -752,7 +752,9 @@ def test_cpu_bf16_stays_within_the_documented_tolerance_of_fp32(file):
     stays >= 45 dB from fp32 (measured 52-54 dB), and its passes stay batch-invariant (no padded
     passes). Tiled vs untiled in auto precision: the two tests above."""
     weights(file)
-    crop = photo(140, 180, 40 if "x4plus" in file else 72)
+    # x4plus is 23 RRDB blocks, and bf16 is emulated (~8x slower than fp32) on CPUs without
+    # AVX512-BF16/AMX, such as the AVX2-only box CI may draw: a 24 px crop keeps this under 20 s.
+    crop = photo(140, 180, 24 if "x4plus" in file else 72)
     outs = {}
     for dtype in ("fp32", "bf16"):
         b = UpscalerBank.from_settings(settings(spec(file=file), dtype=dtype))
