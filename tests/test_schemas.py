@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from hiresfix.schemas import GenerateRequest, UpscaleRequest, hires_size
+from hiresfix.schemas import QUALITY_PRESETS, GenerateRequest, UpscaleRequest, hires_size
 
 
 def test_defaults_match_the_client_contract():
@@ -63,3 +63,34 @@ def test_hires_resize_to_a1111_style():
     msg = errors(prompt="x", hires_fix=True, hires_width=1024, hires_height=1536)["hires_height"]
     assert "changes the aspect ratio of 768x768" in msg and "hires_height 1024" in msg
     assert "try 1000 or 1008" in errors(prompt="x", hires_fix=True, hires_width=1001)["hires_width"]
+
+
+# ------------------------------------------------------------------- quality presets
+@pytest.mark.parametrize("name", ["fast", "balanced", "best"])
+def test_quality_preset_fills_the_fields_left_out(name):
+    req = GenerateRequest(prompt="a cat", quality=name)
+    for field, value in QUALITY_PRESETS[name].items():
+        assert getattr(req, field) == value
+    assert req.quality == name
+
+
+def test_quality_presets_order_steps_and_strength():
+    fast, balanced, best = (QUALITY_PRESETS[n] for n in ("fast", "balanced", "best"))
+    for key in ("num_inference_steps", "denoising_strength"):
+        assert fast[key] < balanced[key] < best[key]
+    # Without a preset the defaults are what they always were.
+    plain = GenerateRequest(prompt="a cat")
+    assert (plain.num_inference_steps, plain.scheduler, plain.quality) == (30, "euler", None)
+
+
+def test_fields_sent_win_over_the_quality_preset():
+    req = GenerateRequest(prompt="a cat", quality="fast", num_inference_steps=40, scheduler="ddim")
+    assert (req.num_inference_steps, req.scheduler) == (40, "ddim")
+    assert req.denoising_strength == QUALITY_PRESETS["fast"]["denoising_strength"]
+
+
+def test_unknown_quality_is_refused_naming_the_choices():
+    with pytest.raises(ValidationError) as e:
+        GenerateRequest(prompt="a cat", quality="ultra")
+    assert e.value.errors()[0]["loc"] == ("quality",)
+    assert "'fast', 'balanced' or 'best'" in e.value.errors()[0]["msg"]
