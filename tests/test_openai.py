@@ -36,6 +36,10 @@ def async_client(service):
     )
 
 
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(picture(b64).convert("RGB"), dtype=np.int16)
+
+
 def picture(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     im.load()
@@ -65,7 +69,12 @@ def test_generate_with_the_sdk_sync_and_async(client, async_client):
         )
 
     same, other = asyncio.run(both())
-    assert same.data[0].b64_json == first.data[0].b64_json  # same seed, same bytes
+    # Same seed, same bytes; the two sent together may share one SDXL call (the test config
+    # batches), whose rows are within one level of 8 bits of a request alone.
+    if same.model_extra["hiresfix"]["batched_with"]["base"] == 1:
+        assert same.data[0].b64_json == first.data[0].b64_json
+    diff = np.abs(pixels(same.data[0].b64_json) - pixels(first.data[0].b64_json)).max()
+    assert diff <= 2, (diff, same.model_extra["hiresfix"]["batched_with"])
     assert other.data[0].b64_json != first.data[0].b64_json
     assert other.model_extra["hiresfix"]["seeds"] == [2]
 
