@@ -259,7 +259,7 @@ RENAMED = {
     "num_images": "n",
     "previews": "partial_images",
 }
-_NOT_KNOBS = {"prompt", "output_format", *RENAMED}
+_NOT_KNOBS = {"prompt", "output_format", "quality", *RENAMED}  # OpenAI names its own quality
 
 
 def _optional(annotation: Any, constraints: list) -> Any:
