@@ -23,11 +23,20 @@ from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled
 
 def count_steps(stage_call, *args, **kw):
     steps = []
-    out = stage_call(*args, on_step=lambda i, t, *_: steps.append(t), **kw)
+    out = stage_call(*args, on_step=lambda i, t, *_: steps.append(int(t)), **kw)
     return out, steps
 
 
 # --- base pass ----------------------------------------------------------------------------------
+
+
+def test_step_callback_gets_the_timestep_unconverted(base_stage):
+    # On a GPU the scheduler's timestep is a device tensor: converting it (int) at every step
+    # would wait for the GPU, so the model code hands it on as it is.
+    seen = []
+    base_stage.run(make_req(num_inference_steps=2), on_step=lambda i, t, *_: seen.append((i, t)))
+    assert [i for i, _ in seen] == [0, 1]
+    assert all(isinstance(t, torch.Tensor) for _, t in seen)
 
 
 def test_same_seed_same_image_bit_for_bit(base_stage):

@@ -50,9 +50,10 @@ from hiresfix.sdxl.batching import (
 from hiresfix.sdxl.schedulers import make_scheduler
 from hiresfix.stages import ImageBatch
 
-# (step index, timestep) -> stop early?: progress, tests, cancellation, interrupt
-# (step index, timestep, latents after the step) -> stop early?
-StepCallback = Callable[[int, int, Any], bool | None]
+# (step index, timestep, latents after the step) -> stop early?: progress, tests, cancellation,
+# interrupt. The timestep comes as the scheduler holds it, often a GPU tensor: int() on it would
+# wait for the GPU at every step, so the serving path never converts it (tests do).
+StepCallback = Callable[[int, Any, Any], bool | None]
 # A job of a shared call: the request (with, for hires, its upscaled pictures) and its callback.
 BaseJob = tuple[GenerateRequest, StepCallback | None]
 HiresJob = tuple[ImageBatch, GenerateRequest, StepCallback | None]
@@ -332,7 +333,7 @@ class _Members:
                 continue
             rows = None if latents is None else latents[self.rows[j]]
             try:
-                if on_step(int(step_index), int(timestep), rows):
+                if on_step(int(step_index), timestep, rows):
                     self.stopped.add(j)  # interrupt/skip: no more progress for this job
             except Exception as exc:  # RequestCancelled and the like: this job's outcome
                 self.failed[j] = exc
@@ -396,7 +397,7 @@ def _diffusers_callback(on_step: StepCallback | None):
     def callback(pipe, step_index, timestep, tensors):
         # `tensors` holds the latents (diffusers' default callback_on_step_end_tensor_inputs):
         # the step's previews are drawn from them.
-        if on_step(int(step_index), int(timestep), tensors.get("latents")):
+        if on_step(int(step_index), timestep, tensors.get("latents")):
             # Stop early (A1111's interrupt/skip): diffusers skips the remaining steps and
             # decodes the latents as they are now.
             pipe._interrupt = True
