@@ -28,6 +28,7 @@ class SDXLBase:
         # import this module (deployments/graph.py) and need only the class.
         from hiresfix.sdxl import BaseStage, load_base_pipeline
         from hiresfix.sdxl.img2img import Img2ImgStage
+        from hiresfix.sdxl.warmup import warm_up_base
 
         self.settings = SDXLSettings.model_validate(settings)
         self.progress = Reporter(progress, report_interval_s)
@@ -37,6 +38,7 @@ class SDXLBase:
             self.pipe = load_base_pipeline(self.settings)
         self.stage = BaseStage(self.pipe)
         self.img2img_stage = Img2ImgStage(self.pipe)  # POST /img2img: the same modules
+        metrics.record_warmup("base", warm_up_base(self.stage, self.settings.warmup))
 
     def reconfigure(self, config: dict) -> None:
         # user_config in YAML: the batching knobs change without restarting the replica.

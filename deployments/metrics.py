@@ -91,6 +91,12 @@ METRICS: dict[str, Spec] = {
         " model=all: every configured upscaler or face model at once).",
         ("stage", "model"),
     ),
+    "hiresfix_warmup_seconds": Spec(
+        "histogram",
+        "Seconds a replica spent at start drawing one warm-up picture of a size (sdxl.warmup;"
+        " stage: base, refine; size: WxH of the pass).",
+        ("stage", "size"),
+    ),
     "hiresfix_model_load_failures": Spec(
         "counter",
         "Configured models that did not load, by reason (weights_missing, error, ...).",
@@ -242,6 +248,13 @@ def record_upscaled(outcomes: Iterable) -> None:
 def record_load(stage: str, model: str, seconds: float) -> None:
     _metric("hiresfix_model_load_seconds").observe(seconds, tags=_tags(stage=stage, model=model))
     record_gpu_memory(stage)
+
+
+@_safe
+def record_warmup(stage: str, seconds: dict[str, float]) -> None:
+    for size, s in seconds.items():
+        log.info("%s warmed up at %s in %.2f s", stage, size, s)
+        _metric("hiresfix_warmup_seconds").observe(s, tags=_tags(stage=stage, size=size))
 
 
 @_safe

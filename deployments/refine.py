@@ -26,6 +26,7 @@ class RefineFace:
         self, *, sdxl: dict, face: dict, progress: DeploymentHandle, report_interval_s: float
     ):
         from hiresfix.sdxl import RefineStage, load_refine_pipeline  # in the replica: see base.py
+        from hiresfix.sdxl.warmup import warm_up_hires
 
         self.settings = SDXLSettings.model_validate(sdxl)
         self.progress = Reporter(progress, report_interval_s)
@@ -34,6 +35,7 @@ class RefineFace:
         with metrics.timed_load("refine", s.refiner_path or s.path or s.source):
             self.pipe = load_refine_pipeline(self.settings)
         self.stage = RefineStage(self.pipe)
+        metrics.record_warmup("refine", warm_up_hires(self.stage, s.warmup))
         with metrics.timed_load("face", "all"):  # every configured face model
             self.faces = FaceRestorer.from_settings(FaceSettings.model_validate(face))
         metrics.record_model_infos("face", self.faces.models_info())

@@ -49,6 +49,8 @@ def make_test_config(
     # One tiny-SDXL folder for every app: the first replica builds it, the others wait on its
     # lock and load it (hiresfix/sdxl/tiny.py), instead of six builds at once on two cores.
     args["sdxl"]["cache_dir"] = str(tmp / "sdxl-cache")
+    # Each SDXL replica draws one small picture at start (tests/test_metrics.py sees it).
+    args["sdxl"]["warmup"] = {"sizes": [[64, 64]], "steps": 1}
     corrupt = tmp / "corrupt.safetensors"
     corrupt.write_bytes(b"this is not a safetensors file" * 10)
     args["upscaler"].update(

@@ -25,6 +25,8 @@ from hiresfix.sdxl import (
     load_base_pipeline,
     load_refine_pipeline,
 )
+from hiresfix.sdxl.settings import WarmupSettings
+from hiresfix.sdxl.warmup import warm_up_base, warm_up_hires
 from tests import REPO
 from tests.sdxl_fixtures import assert_valid, make_req, pixels, same, upscaled
 from tests.single_file_writer import save_single_file
@@ -378,14 +380,38 @@ def test_compiled_unet_draws_what_eager_draws(tiny_settings, base_stage):
     # sdxl.compile: torch.compile (inductor) in place, so the per-request and img2img pipelines
     # share it. Its kernels may sum in another order than eager's: the documented tolerance is
     # one 8-bit level (the tiny model on this CPU: identical). Compiling takes ~1 min here.
+    from torch._dynamo.utils import counters
+
     pipe = load_base_pipeline(tiny_settings.model_copy(update={"compile": True}))
     assert pipe.unet._compiled_call_impl is not None
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
-    compiled = BaseStage(pipe).run(make_req())
+    stage = BaseStage(pipe)
+    # The replica's warm-up (sdxl.warmup) compiles; a request of that size then compiles nothing.
+    warm_up_base(stage, WarmupSettings(sizes=[(64, 64)], steps=1))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    compiled = stage.run(make_req())
+    assert counters["stats"]["unique_graphs"] == graphs, "the request compiled again"
     assert_valid(compiled, 1, (64, 64))
     eager = base_stage.run(make_req())
     diff = np.abs(_u8(compiled) - _u8(eager))
     assert diff.max() <= 1, f"compiled vs eager: {diff.max()} levels apart"
+
+
+def test_warm_up_draws_each_configured_size(base_stage, refine_stage):
+    w = WarmupSettings(sizes=[(64, 64), (64, 96)], steps=1, hires_scale=1.5)
+    assert set(warm_up_base(base_stage, w)) == {"64x64", "64x96"}
+    assert set(warm_up_hires(refine_stage, w)) == {"96x96", "96x144"}  # x1.5, as /generate sizes
+    assert warm_up_base(base_stage, WarmupSettings()) == {}  # the default: none
+
+
+def test_warm_up_sizes_are_checked_as_generate_checks_them():
+    with pytest.raises(pydantic.ValidationError, match="multiple of 8"):
+        SDXLSettings(warmup={"sizes": [[770, 768]]})
+    with pytest.raises(pydantic.ValidationError, match="hires_scale"):
+        SDXLSettings(warmup={"sizes": [[768, 768]], "hires_scale": 9})
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs"):
+        SDXLSettings(warmup={"size": [[768, 768]]})
 
 
 def test_vae_path_replaces_the_vae(tiny_settings, tiny_cache_dir, base_pipe, base_stage, tmp_path):

@@ -8,12 +8,51 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hiresfix.runtime import DeviceSetting, DtypeSetting
+from hiresfix.schemas import GenerateRequest
 
 Source = Literal["tiny", "diffusers", "hub", "single_file"]
 
 
 def _default_cache_dir() -> str:
     return os.environ.get("HIRESFIX_CACHE_DIR", ".cache/hiresfix")
+
+
+class WarmupSettings(BaseModel):
+    """What a replica draws once at start, before it takes requests (a replica is routed traffic
+    only once its constructor returns): the first request of a size otherwise pays for cuDNN's
+    autotuning, allocator growth and, with `compile`, the compile itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sizes: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="Base sizes [width, height] to warm (the sizes clients ask for); [] = none.",
+    )
+    hires_scale: float = Field(
+        2.0, description="The refine replica warms its hires pass at each size times this."
+    )
+    steps: int = Field(2, ge=1, le=10, description="Denoising steps per warm-up picture.")
+
+    def requests(self) -> list[GenerateRequest]:
+        """The warm-up requests, as /generate would take them (sizes validated there too)."""
+        return [
+            GenerateRequest(
+                prompt="warm-up",
+                width=w,
+                height=h,
+                num_inference_steps=self.steps,
+                hires_fix=True,
+                hires_scale=self.hires_scale,
+                denoising_strength=1.0,  # every step of the hires schedule runs
+                seed=0,
+            )
+            for w, h in self.sizes
+        ]
+
+    @model_validator(mode="after")
+    def _valid_sizes(self) -> WarmupSettings:
+        self.requests()  # a size /generate would refuse fails the config, naming the field
+        return self
 
 
 class SDXLSettings(BaseModel):
@@ -61,6 +100,10 @@ class SDXLSettings(BaseModel):
     )
     compile: bool = Field(
         False, description="torch.compile the UNet (slow first request per size)."
+    )
+    warmup: WarmupSettings = Field(
+        default_factory=WarmupSettings,
+        description="Sizes each base and refine replica draws once at start (see WarmupSettings).",
     )
     refiner_source: Source | None = Field(
         None, description="null: refine with the base weights as img2img (shared, no extra memory)."
