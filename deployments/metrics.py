@@ -93,8 +93,8 @@ METRICS: dict[str, Spec] = {
     ),
     "hiresfix_warmup_seconds": Spec(
         "histogram",
-        "Seconds a replica spent at start drawing one warm-up picture of a size (sdxl.warmup;"
-        " stage: base, refine; size: WxH of the pass).",
+        "Seconds a replica spent at start on one warm-up picture of a size (sdxl.warmup,"
+        " upscaler.warmup; stage: base, refine, upscale; size: WxH the pass was given).",
         ("stage", "size"),
     ),
     "hiresfix_model_load_failures": Spec(

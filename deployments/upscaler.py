@@ -26,6 +26,7 @@ class Upscaler:
         with metrics.timed_load("upscale", "all"):  # the bank loads every configured model
             self.bank = UpscalerBank.from_settings(UpscalerSettings.model_validate(settings))
         metrics.record_model_infos("upscale", self.bank.models_info())
+        metrics.record_warmup("upscale", self.bank.warm_up())
 
     def reconfigure(self, config: dict) -> None:
         # user_config in YAML: batching knobs can change without restarting replicas.

@@ -58,6 +58,7 @@ def make_test_config(
         default="realesr-animevideov3",
         tile_size=128,
         min_tile=32,
+        warmup=True,  # tests/test_metrics.py sees it
         models=[
             {"name": "realesr-animevideov3", "file": "realesr-animevideov3-x4.safetensors"},
             {"name": "missing", "file": "no-such-model.pth"},

@@ -225,8 +225,9 @@ def test_requests_show_up_on_the_prometheus_endpoint(service):
     for stage in ("base", "refine", "upscale", "face"):
         assert value(samples, "ray_hiresfix_model_load_seconds_count", stage=stage, **app) >= 1
         assert value(samples, "ray_hiresfix_model_load_seconds_sum", stage=stage, **app) > 0
-    # sdxl.warmup (tests/serve_harness.py: 64x64): the base pass, and the hires pass at x2.
-    for stage, size in (("base", "64x64"), ("refine", "128x128")):
+    # sdxl.warmup (tests/serve_harness.py: 64x64): the base pass, and the hires pass at x2;
+    # upscaler.warmup: one full 128 px tile.
+    for stage, size in (("base", "64x64"), ("refine", "128x128"), ("upscale", "128x128")):
         warmed = value(samples, "ray_hiresfix_warmup_seconds_count", stage=stage, size=size, **app)
         assert warmed >= 1, (stage, size)
     for stage, model, reason in [

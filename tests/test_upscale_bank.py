@@ -445,6 +445,34 @@ def test_oom_at_every_tile_falls_back_to_lanczos(exc, caplog):
     assert any("fell back to LANCZOS (out_of_memory)" in r.getMessage() for r in caplog.records)
 
 
+def test_warm_up_runs_the_default_model_over_one_full_tile(caplog):
+    weights(ANIME)
+    b = UpscalerBank.from_settings(
+        settings(
+            spec("other"),
+            spec(tile_size=48),
+            default="anime",
+            tile_size=40,
+            min_tile=16,
+            warmup=True,
+        )
+    )
+    shapes = {n: [] for n in ("anime", "other")}
+    for n in shapes:
+        b.runner(n).module.register_forward_pre_hook(
+            lambda m, a, n=n: shapes[n].append(tuple(a[0].shape))
+        )
+    assert set(b.warm_up()) == {"48x48"}  # the model's own tile side
+    assert shapes["anime"] and max(max(s[-2:]) for s in shapes["anime"]) <= 48
+    assert shapes["other"] == []  # only the default is warmed
+    # Off (the default), or nothing that could run: nothing drawn.
+    assert UpscalerBank.from_settings(settings(spec())).warm_up() == {}
+    broken = UpscalerBank.from_settings(settings(spec(inject_fault="error"), warmup=True))
+    with caplog.at_level(logging.WARNING, logger="hiresfix.upscale"):
+        assert broken.warm_up() == {}
+    assert any("warm-up fell back" in r.getMessage() for r in caplog.records)
+
+
 def test_injected_error_falls_back_with_detail(caplog):
     weights(ANIME)
     b = UpscalerBank.from_settings(settings(spec(inject_fault="error")))

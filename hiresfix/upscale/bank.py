@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,25 @@ class UpscalerBank:
             for name, e in self._entries.items()
         ]
 
+    def warm_up(self) -> dict[str, float]:
+        """`warmup` in the settings: the default model once over one full tile, at replica start,
+        so the first request does not pay for loading kernels and autotuning. Seconds per input
+        size ("WxH"); {} when off, or when that model did not load or fell back (its requests
+        fall back anyway: nothing to warm)."""
+        name = self.default_name()
+        entry = self._entries.get(name or "")
+        if not self.settings.warmup or entry is None or not entry.available:
+            return {}
+        side = self._start_tile(entry, None) if entry.model.caps.tileable else 256
+        scale = entry.model.caps.scale
+        grey = Picture(np.full((side, side, 3), 0.5, dtype=np.float32))
+        t0 = time.perf_counter()
+        (out,) = self.upscale_jobs([UpscaleJob(grey, (side * scale, side * scale), name, True)])
+        if out.fallback_reason is not None:
+            log.warning("upscaler warm-up fell back to LANCZOS: %s", out.fallback_detail)
+            return {}
+        return {f"{side}x{side}": time.perf_counter() - t0}
+
     # ------------------------------------------------------------------ upscaling
     def upscale(
         self,
@@ -238,7 +258,7 @@ class UpscalerBank:
             return None  # nothing configured: LANCZOS with a reason, not a client error
         return self.resolve(job.model)
 
-    def _start_tile(self, entry: ModelRecord, job: UpscaleJob) -> int:
+    def _start_tile(self, entry: ModelRecord, job: UpscaleJob | None) -> int:
         if entry.model.caps.tileable:
             return entry.spec.tile_size or self.settings.tile_size
         # Untileable: start whole-image; OOM halving still applies.

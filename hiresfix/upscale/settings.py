@@ -133,6 +133,11 @@ class UpscalerSettings(WeightsFolder):
             " until measured there (bench/gpu_upscale.py --channels-last)."
         ),
     )
+    warmup: bool = Field(
+        False,
+        description="Run the default model once over one full tile at replica start, before it"
+        " takes requests: the first request then does not pay for kernel loading and autotuning.",
+    )
     gpu_memory_fraction: float | None = Field(
         None,
         gt=0.0,
