@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -203,6 +204,11 @@ def peak_gib(device: str) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
 
 
+def psnr(a, b) -> float:
+    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
 def timed(fn, device: str, repeats: int = 7) -> float:
     """Median seconds of fn(), GPU work included."""
     times = []
@@ -232,7 +238,7 @@ def hires_fix(
     t3 = time.perf_counter()
     assert out.pictures[0].size == req.output_size()
     t.update(base=t1 - t0, upscale=t2 - t1, refine=t3 - t2, hires_fix=t3 - t0)
-    return t
+    return t, out.pictures[0].rgb_u8()
 
 
 def main() -> None:
@@ -260,6 +266,11 @@ def main() -> None:
     ap.add_argument("--stock-vae", action="store_true", help="force_upcast VAE (decode in fp32)")
     ap.add_argument("--no-vae-tiling", action="store_true")
     ap.add_argument("--variants", action="store_true", help="then also with VAE tiling off")
+    ap.add_argument(
+        "--levers",
+        action="store_true",
+        help="then also with fused QKV projections, then also a channels_last UNet",
+    )
     ap.add_argument(
         "--compile",
         action="store_true",
@@ -324,6 +335,11 @@ def main() -> None:
     variants = [("as configured" + ("" if args.no_vae_tiling else " (VAE tiling on)"), None)]
     if args.variants and not args.no_vae_tiling:
         variants.append(("VAE tiling off", lambda: pipe.vae.disable_tiling()))
+    if args.levers:  # issue 14's levers, one on top of the other
+        variants.append(("+ fused QKV projections (UNet, VAE)", pipe.fuse_qkv_projections))
+        variants.append(
+            ("+ channels_last UNet", lambda: pipe.unet.to(memory_format=torch.channels_last))
+        )
     if args.compile:
         variants.append(("+ torch.compile(unet)", lambda: pipe.unet.compile()))
     results = []
@@ -331,6 +347,14 @@ def main() -> None:
         if change:
             change()
         results.append(measure(label, base, refine, upscale, req, args, device))
+        if len(results) > 1:  # same seed: how far this lever alone moved the final picture
+            before = results[-2]
+            print(
+                f"  PSNR of the hires fix vs '{before['variant']}':"
+                f" {psnr(before['picture'], results[-1]['picture']):.1f} dB"
+            )
+    for r in results:
+        del r["picture"]
     print(
         json.dumps(
             {
@@ -354,7 +378,9 @@ def measure(label: str, base, refine, upscale, req: GenerateRequest, args, devic
     warm_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    runs = [hires_fix(base, refine, upscale, req, device) for _ in range(args.repeats)]
+    runs, pictures = zip(
+        *(hires_fix(base, refine, upscale, req, device) for _ in range(args.repeats))
+    )
     allocated, reserved = peak_gib(device)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     refine_steps = int(args.steps * args.strength)
@@ -387,6 +413,7 @@ def measure(label: str, base, refine, upscale, req: GenerateRequest, args, devic
     )
     return {
         "variant": label,
+        "picture": pictures[-1],  # the same seed each run: compared across variants (PSNR)
         "warmup_s": round(warm_s, 1),
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "runs_s": runs,

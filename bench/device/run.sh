@@ -17,7 +17,8 @@ x4=.whl/realesr-animevideov3-x4.safetensors
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   echo "== SDXL full size, random weights: base 768/30 steps, x2 upscale to 1536, refine 0.5, whole hires fix"
   echo "   (issue 14 goals: base <= 1.2 s, x2plus <= 30 ms, refine <= 1.2 s, hires fix <= 2.5 s, peak <= 9 GiB)"
-  timeout 180 python3 bench/gpu_sdxl.py --size 768 --steps 30 --repeats 2
+  echo "   then, one on top of the other: VAE tiling off, fused QKV, channels_last UNet (PSNR to the one before)"
+  timeout 180 python3 bench/gpu_sdxl.py --size 768 --steps 30 --repeats 2 --variants --levers
   echo "== SDXL batching: 8 requests 768 px / 10 steps (hires 1536, 5 steps), one at a time vs one call per stage"
   echo "   (goal: batched >= 1.6x the images/s of one at a time)"
   timeout 110 python3 bench/sdxl_batch.py --full --device cuda --size 768 --steps 10 --batch 8 --repeats 2
