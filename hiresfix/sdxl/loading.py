@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDif
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
-from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype, yield_cpu
+from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype, torch_dtype, yield_cpu
 from hiresfix.sdxl.settings import SDXLSettings
 from hiresfix.sdxl.single_file import OPEN_CLIP_BASE, OPEN_CLIP_REFINER, UNET
 from hiresfix.sdxl.tiny import build_tiny_sdxl
@@ -39,7 +39,9 @@ def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None
     if s.refiner_source is None:
         base = base if base is not None else load_base_pipeline(s)
         # dtype: from_pipe would otherwise cast the shared modules to float32.
+        vae_dtype = base.vae.dtype
         pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(base, dtype=base.dtype)
+        pipe.vae.to(vae_dtype)  # the shared VAE keeps its own precision (vae_dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     device, dtype = resolve_device_dtype(s)
@@ -215,6 +217,7 @@ def _check_complete(pipe, where) -> None:
 def _prepare(pipe, s: SDXLSettings, device: torch.device):
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    _set_vae_dtype(pipe.vae, s, device, pipe.unet.dtype)
     if s.vae_tiling:
         pipe.vae.enable_tiling()  # only splits images larger than the VAE's sample size
     if s.compile:
@@ -222,3 +225,34 @@ def _prepare(pipe, s: SDXLSettings, device: torch.device):
         # the per-request pipelines share the compiled one.
         pipe.unet.compile()
     return pipe
+
+
+def _set_vae_dtype(vae, s: SDXLSettings, device: torch.device, model_dtype: torch.dtype) -> None:
+    dtype = _vae_dtype(s.vae_dtype, vae, device, model_dtype)
+    if dtype is None:
+        return  # the model's precision, with diffusers' own handling
+    vae.to(dtype)
+    # Held in `dtype` for good: diffusers' fp32 upcast around each call (and the lock it needs,
+    # generate._vae_guard) is off.
+    vae.register_to_config(force_upcast=False)
+    if not getattr(vae, "_hiresfix_casts_inputs", False):
+        # The pipelines hand the VAE images (encode) and latents (decode) in the UNet's dtype.
+        for first in (vae.encoder, vae.post_quant_conv or vae.decoder):
+            first.register_forward_pre_hook(_to_own_dtype)
+        vae._hiresfix_casts_inputs = True
+
+
+def _vae_dtype(setting, vae, device: torch.device, model_dtype: torch.dtype):
+    if setting != "auto":
+        return torch_dtype(setting)
+    if model_dtype == torch.float32 or not getattr(vae.config, "force_upcast", False):
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _to_own_dtype(module, args):
+    x, *rest = args
+    dtype = next(module.parameters()).dtype
+    return None if x.dtype == dtype else (x.to(dtype), *rest)

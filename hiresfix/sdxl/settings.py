@@ -95,6 +95,17 @@ class SDXLSettings(BaseModel):
     vae_path: str | None = Field(
         None, description="Optional replacement VAE (folder or hub id), e.g. an fp16-safe SDXL VAE."
     )
+    vae_dtype: DtypeSetting = Field(
+        "auto",
+        description=(
+            "The VAE's precision. auto: the model's, except for a VAE that overflows in fp16"
+            " (force_upcast in its config, as the stock SDXL VAE) under fp16/bf16: then bf16 on a"
+            " GPU that has it (fp32's range without an fp32 copy per call, and calls overlap:"
+            " ComfyUI's default), else diffusers' fp32 upcast around each call, one call at a"
+            " time. fp32/fp16/bf16: held in that precision, no per-call casting (fp16 with such"
+            " a VAE can overflow into black pictures)."
+        ),
+    )
     vae_tiling: bool = Field(
         True, description="Decode/encode large images in tiles (bounded VRAM)."
     )
