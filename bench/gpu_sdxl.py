@@ -42,7 +42,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from hiresfix.runtime import PRECISIONS, torch_dtype  # noqa: E402
 from hiresfix.schemas import GenerateRequest  # noqa: E402
-from hiresfix.sdxl import BaseStage, RefineStage  # noqa: E402
+from hiresfix.sdxl import BaseStage, RefineStage, SDXLSettings  # noqa: E402
 from hiresfix.sdxl.generate import encode_prompt  # noqa: E402
 from hiresfix.sdxl.tiny import SDXL_SCHEDULER, clip_tokenizer, tiny_sdxl_pipeline  # noqa: E402
 
@@ -204,6 +204,13 @@ def peak_gib(device: str) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
 
 
+def hold_vae_bf16(pipe) -> None:
+    from hiresfix.sdxl.loading import _set_vae_dtype
+
+    settings = SDXLSettings(vae_dtype="bf16")
+    _set_vae_dtype(pipe.vae, settings, pipe.unet.device, pipe.unet.dtype)
+
+
 def psnr(a, b) -> float:
     mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
@@ -269,7 +276,8 @@ def main() -> None:
     ap.add_argument(
         "--levers",
         action="store_true",
-        help="then also with fused QKV projections, then also a channels_last UNet",
+        help="then also with fused QKV projections, a channels_last UNet, a stock (fp16-unsafe)"
+        " VAE upcast per call, and that VAE held in bf16",
     )
     ap.add_argument(
         "--compile",
@@ -340,6 +348,15 @@ def main() -> None:
         variants.append(
             ("+ channels_last UNet", lambda: pipe.unet.to(memory_format=torch.channels_last))
         )
+        # A VAE that overflows in fp16 (the stock SDXL one): diffusers' fp32 copy per call, then
+        # the product's answer to it (sdxl.vae_dtype: auto picks bf16 on such a GPU).
+        variants.append(
+            (
+                "stock VAE: fp32 upcast per call",
+                lambda: pipe.vae.register_to_config(force_upcast=True),
+            )
+        )
+        variants.append(("+ that VAE held in bf16 (sdxl.vae_dtype)", lambda: hold_vae_bf16(pipe)))
     if args.compile:
         variants.append(("+ torch.compile(unet)", lambda: pipe.unet.compile()))
     results = []
