@@ -295,7 +295,7 @@ def test_refine_pipeline_shares_the_base_modules(tiny_settings, base_pipe):
     assert type(ref).__name__ == "StableDiffusionXLImg2ImgPipeline"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer"):
         assert getattr(ref, name) is getattr(base_pipe, name), name
-    assert base_pipe.unet.dtype == torch.float32  # from_pipe did not recast the shared modules
+    assert base_pipe.unet.dtype == torch.float32  # sharing did not recast the shared modules
     alone = load_refine_pipeline(
         tiny_settings
     )  # a refine replica of its own loads the base weights
@@ -373,7 +373,7 @@ def test_vae_dtype_holds_the_vae_in_its_own_precision(
     pipe = load_base_pipeline(s)
     refine = RefineStage(load_refine_pipeline(s, base=pipe))
     assert pipe.unet.dtype == torch_dtype(model)
-    assert refine.pipe.vae is pipe.vae and pipe.vae.dtype == torch_dtype(vae)  # from_pipe kept it
+    assert refine.pipe.vae is pipe.vae and pipe.vae.dtype == torch_dtype(vae)  # sharing kept it
     assert not pipe.vae.config.force_upcast
     assert BaseStage(pipe)._serial is not _VAE_CAST_LOCK and refine._serial is not _VAE_CAST_LOCK
     reqs = [make_req(seed=seed, hires_fix=True) for seed in (1, 2)]

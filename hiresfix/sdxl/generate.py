@@ -265,18 +265,22 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 def request_pipeline(pipe, scheduler_name: str, cls: type | None = None):
     """A pipeline of the same class (or `cls`: img2img, inpaint) around the same modules with a
-    fresh scheduler: cheap (no weights are copied or moved), and nothing a call writes on it is
-    seen by another request."""
-    cls = cls or type(pipe)
+    fresh scheduler: cheap, and nothing a call writes on it is seen by another request."""
     scheduler = make_scheduler(scheduler_name, pipe.scheduler.config)
+    return same_modules(pipe, cls or type(pipe), scheduler)
+
+
+def same_modules(pipe, cls: type, scheduler):
+    """A `cls` pipeline around `pipe`'s own modules: none is copied, moved or cast (diffusers'
+    from_pipe casts every module to one dtype, the VAE's own precision included)."""
     expected, optional = cls._get_signature_keys(cls)
     options = {
         k: pipe.config[k] for k in optional if k in pipe.config
     }  # force_zeros_for_empty_prompt, ...
     modules = {k: v for k, v in pipe.components.items() if k in expected or k in optional}
-    per_request = cls(**{**modules, "scheduler": scheduler}, **options)
-    per_request.set_progress_bar_config(disable=True)
-    return per_request
+    wrapped = cls(**{**modules, "scheduler": scheduler}, **options)
+    wrapped.set_progress_bar_config(disable=True)
+    return wrapped
 
 
 @torch.no_grad()

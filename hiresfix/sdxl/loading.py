@@ -16,6 +16,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
 from hiresfix.runtime import AUTO_ON_GPU, pick_device, pick_dtype, torch_dtype, yield_cpu
+from hiresfix.sdxl.generate import same_modules
 from hiresfix.sdxl.settings import SDXLSettings
 from hiresfix.sdxl.single_file import OPEN_CLIP_BASE, OPEN_CLIP_REFINER, UNET
 from hiresfix.sdxl.tiny import build_tiny_sdxl
@@ -38,12 +39,7 @@ def load_refine_pipeline(s: SDXLSettings, base: StableDiffusionXLPipeline | None
     own modules (no copy, no extra memory), as A1111's hires fix does."""
     if s.refiner_source is None:
         base = base if base is not None else load_base_pipeline(s)
-        # dtype: from_pipe would otherwise cast the shared modules to float32.
-        vae_dtype = base.vae.dtype
-        pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(base, dtype=base.dtype)
-        pipe.vae.to(vae_dtype)  # the shared VAE keeps its own precision (vae_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return same_modules(base, StableDiffusionXLImg2ImgPipeline, base.scheduler)
     device, dtype = resolve_device_dtype(s)
     _configure_cpu(s)
     return _load(
@@ -221,7 +217,7 @@ def _prepare(pipe, s: SDXLSettings, device: torch.device):
     if s.vae_tiling:
         pipe.vae.enable_tiling()  # only splits images larger than the VAE's sample size
     if s.compile:
-        # In place: the module stays a UNet2DConditionModel, so pipelines made with from_pipe and
+        # In place: the module stays a UNet2DConditionModel, so the refine pipeline and
         # the per-request pipelines share the compiled one.
         pipe.unet.compile()
     return pipe

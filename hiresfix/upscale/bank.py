@@ -150,7 +150,7 @@ class UpscalerBank:
         entry = self._entries.get(name or "")
         if not self.settings.warmup or entry is None or not entry.available:
             return {}
-        side = self._start_tile(entry, None) if entry.model.caps.tileable else 256
+        side = self._tile_side(entry) if entry.model.caps.tileable else 256
         scale = entry.model.caps.scale
         grey = Picture(np.full((side, side, 3), 0.5, dtype=np.float32))
         t0 = time.perf_counter()
@@ -258,9 +258,12 @@ class UpscalerBank:
             return None  # nothing configured: LANCZOS with a reason, not a client error
         return self.resolve(job.model)
 
-    def _start_tile(self, entry: ModelRecord, job: UpscaleJob | None) -> int:
+    def _tile_side(self, entry: ModelRecord) -> int:
+        return entry.spec.tile_size or self.settings.tile_size
+
+    def _start_tile(self, entry: ModelRecord, job: UpscaleJob) -> int:
         if entry.model.caps.tileable:
-            return entry.spec.tile_size or self.settings.tile_size
+            return self._tile_side(entry)
         # Untileable: start whole-image; OOM halving still applies.
         return max(job.picture.width, job.picture.height) + self.settings.tile_overlap
 
