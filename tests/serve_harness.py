@@ -6,6 +6,7 @@ fallback for real: a missing file, a corrupt file, and injected OOM/error faults
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,6 +23,7 @@ import httpx
 import yaml
 
 from deployments.guard import API_KEYS_ENV
+from deployments.serve_run import INGRESS_ENV
 from tests import REPO, TEST_ENV
 from tests.redis_server import RedisServer
 
@@ -412,12 +414,39 @@ class ServeApp:
         nolib: bool = True,
         edit=None,
         code: Path = REPO,
+        haproxy: bool = False,
+        launcher: str = "serve run",
     ):
+        """`haproxy`: the cluster in Serve's HAProxy mode (what `scripts/serve --ingress haproxy`
+        starts). `launcher="scripts/serve"`: the product's own launcher on a local Ray, as a user
+        runs it (no known metrics port or cluster address then; stop() is its graceful SIGTERM)."""
+        env, serve_args = {}, []
+        if haproxy:
+            # Ports of its own, not Ray's fixed defaults (30000+ and 40000+ for the replicas' HTTP
+            # and gRPC, 8500/9500 for the fallback proxy behind HAProxy, 9101 and 8404 for
+            # HAProxy's metrics and stats), which another run on this box may hold.
+            self.replica_port = _free_port_range(16)
+            grpc = _free_port_range(16)  # each replica opens a gRPC port beside its HTTP one
+            env = {
+                "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # a 2-core box
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.replica_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.replica_port + 15),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 15),
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            }
+            if launcher == "scripts/serve":
+                serve_args = ["--ingress", "haproxy"]  # the flag comes from the launcher
+            else:
+                env.update(INGRESS_ENV["haproxy"])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()  # Ray's Prometheus endpoint (local cluster only)
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.ray_address, self.code = ray_address, code
+        self.ray_address, self.code, self.launcher = ray_address, code, launcher
         self.prefixes = ("", "/nolib", "/fuzz") if nolib else ("",)
         self.config = tmp / "serve_test.yaml"
         # The "nolib" app keeps its jobs in a real Redis (tests/test_jobs.py).
@@ -438,10 +467,14 @@ class ServeApp:
             # Started by SERVE_RUN_WITH_METRICS_PORT's ray.init, so its metrics port is known.
             cmd = [sys.executable, "-c", SERVE_RUN_WITH_METRICS_PORT, str(self.metrics_port)]
             cmd.append(str(self.config))
+        if launcher == "scripts/serve":
+            assert ray_address is None, "scripts/serve here starts a local Ray"
+            cmd = [str(code / "scripts" / "serve"), str(self.config), "--address", "local"]
+            cmd += serve_args
         self.proc = subprocess.Popen(
             cmd,
             cwd=code,  # Ray puts the driver's directory on every replica's sys.path
-            env=_serve_env(),
+            env=_serve_env(**env),
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -491,6 +524,21 @@ class ServeApp:
         r = httpx.get(self.url + prefix + "/health", timeout=5)
         return r.status_code == 200 and r.json()["status"] == "ok"
 
+    def replica_url(self, timeout: float = 60) -> str:
+        """HAProxy mode: the ingress replica's own HTTP server (Serve's direct ingress), the first
+        of the app's replica ports that answers /health."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for port in range(self.replica_port, self.replica_port + 16):
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        return url
+                except httpx.HTTPError:
+                    continue
+            time.sleep(1)
+        raise RuntimeError(f"no ingress replica answers on ports {self.replica_port}+")
+
     def log_tail(self, n: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
@@ -515,11 +563,21 @@ class ServeApp:
         if self.ray_address is not None:  # the cluster's owner (RayHead.stop) ends it
             return
         # `serve run` ignores SIGINT when not interactive; SIGTERM shuts Serve and its local Ray
-        # down.
+        # down. scripts/serve: SIGTERM to it alone, as a user's Ctrl-C or systemd would (its
+        # group holds Ray's own processes, which must outlive the drain).
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if self.launcher == "scripts/serve":
+                self.proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(120 if self.launcher == "scripts/serve" else 60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        # What outlived it in its session: Ray workers run in process groups of their own, and
+        # the HAProxy a worker starts (HAProxy mode) is orphaned when Ray stops without Serve's
+        # graceful shutdown. It would hold its port and CPU for the rest of the suite.
+        for pid in _session_pids(self.proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -82,3 +82,31 @@ def test_serve_run_wrapper_takes_the_address_serve_run_would(monkeypatch):
     assert _pop_address(["c.yaml", "-a", "h:2"]) == ("h:2", ["c.yaml"])
     monkeypatch.setenv("RAY_ADDRESS", "h:3")
     assert _pop_address(["c.yaml"]) == ("h:3", ["c.yaml"])
+
+
+def test_serve_run_wrapper_takes_its_ingress_mode(monkeypatch):
+    """`--ingress haproxy` is ours (not `serve run`'s): it sets the local Ray's environment, and
+    is refused for a running cluster, which has its own."""
+    import subprocess
+    import sys
+
+    from deployments.serve_run import _pop_ingress
+
+    assert _pop_ingress(["c.yaml", "--ingress", "haproxy", "--x"]) == ("haproxy", ["c.yaml", "--x"])
+    assert _pop_ingress(["c.yaml", "--ingress=proxy"]) == ("proxy", ["c.yaml"])
+    assert _pop_ingress(["c.yaml"]) == ("proxy", ["c.yaml"])
+    for argv, says in (
+        (["c.yaml", "--ingress", "nginx"], "--ingress must be one of proxy, haproxy, not 'nginx'"),
+        (
+            ["c.yaml", "--address", "10.0.0.5:6379", "--ingress", "haproxy"],
+            "start it with RAY_SERVE_ENABLE_HA_PROXY=1",
+        ),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "deployments.serve_run", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 1 and says in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr

@@ -360,7 +360,7 @@ def test_half_precision_with_an_upcasting_vae_serialises_calls(
 
 @pytest.mark.parametrize("model, vae", [("bf16", "fp32"), ("fp16", "bf16")])
 def test_vae_dtype_holds_the_vae_in_its_own_precision(
-    tiny_settings, base_stage, refine_stage, model, vae
+    tiny_settings, base_pipe, base_stage, refine_stage, model, vae
 ):
     """sdxl.vae_dtype: the VAE stays in its precision whatever the UNet's (as ComfyUI's bf16 VAE),
     so there is no fp32 copy per call and calls overlap; the pipelines' inputs are cast to it."""
@@ -375,6 +375,9 @@ def test_vae_dtype_holds_the_vae_in_its_own_precision(
     assert pipe.unet.dtype == torch_dtype(model)
     assert refine.pipe.vae is pipe.vae and pipe.vae.dtype == torch_dtype(vae)  # sharing kept it
     assert not pipe.vae.config.force_upcast
+    # Loaded in its own precision from the (fp32) files: not rounded to the model's on the way.
+    own = {k: v.to(torch_dtype(vae)) for k, v in base_pipe.vae.state_dict().items()}
+    assert all(torch.equal(v, own[k]) for k, v in pipe.vae.state_dict().items())
     assert BaseStage(pipe)._serial is not _VAE_CAST_LOCK and refine._serial is not _VAE_CAST_LOCK
     reqs = [make_req(seed=seed, hires_fix=True) for seed in (1, 2)]
     stages = (BaseStage(pipe), refine)

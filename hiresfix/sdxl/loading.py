@@ -73,9 +73,14 @@ def _load(cls, source, path, sf_config, s: SDXLSettings, device, dtype, role: st
     refiner = role == "refiner"
     where = path
     try:
-        kwargs = {"dtype": dtype}
+        # An explicit vae_dtype is the VAE's precision from the file on: an fp32 VAE under an
+        # fp16/bf16 model keeps its own weights rather than half-precision copies cast back up.
+        # (diffusers' per-component dtype; from_single_file takes one dtype, so there _prepare
+        # casts afterwards, as it does for "auto", which needs the loaded VAE's config.)
+        vae_dtype = dtype if s.vae_dtype == "auto" else torch_dtype(s.vae_dtype)
+        kwargs = {"dtype": dtype if vae_dtype == dtype else {"default": dtype, "vae": vae_dtype}}
         if s.vae_path:
-            kwargs["vae"] = _load_vae(s.vae_path, dtype)
+            kwargs["vae"] = _load_vae(s.vae_path, vae_dtype)
         if source == "tiny":
             folder = (
                 Path(path)
@@ -93,7 +98,10 @@ def _load(cls, source, path, sf_config, s: SDXLSettings, device, dtype, role: st
         elif source == "single_file":
             _check_single_file(path, refiner)
             pipe = cls.from_single_file(
-                path, config=sf_config, local_files_only=hf_constants.HF_HUB_OFFLINE, **kwargs
+                path,
+                config=sf_config,
+                local_files_only=hf_constants.HF_HUB_OFFLINE,
+                **{**kwargs, "dtype": dtype},
             )
         else:
             raise ModelLoadError(f"unknown SDXL source {source!r}")
