@@ -58,10 +58,8 @@ def main() -> None:
         " port in front of the replicas' own ports: scripts/serve --ingress haproxy)",
     )
     ns = ap.parse_args()
-    if not ns.bare_only:
-        if len(ns.ingress) > 1:
-            ap.error("several --ingress choices go with --bare-only")
-        os.environ.update(INGRESS_ENV[ns.ingress[0]])  # ServeApp's processes inherit it
+    if not ns.bare_only and len(ns.ingress) > 1:
+        ap.error("several --ingress choices go with --bare-only")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)
@@ -72,7 +70,7 @@ def main() -> None:
 
     from hiresfix.images import Picture
     from hiresfix.upscale import UpscalerBank, UpscalerSettings
-    from tests.serve_harness import ServeApp, make_test_config
+    from tests.serve_harness import make_test_config
 
     src = Image.fromarray(data.astronaut()).resize((ns.size, ns.size), Image.BICUBIC)
     buf = io.BytesIO()
@@ -100,14 +98,7 @@ def main() -> None:
                 bare_only(ns, ingress, tmp / ingress, buf.getvalue())
         return
     with tmpdir:
-        app = ServeApp(
-            tmp,
-            Path(ns.weights),
-            tmp / "no-face.safetensors",
-            nolib=False,
-            edit=_with_floor,
-            haproxy=ns.ingress[0] == "haproxy",
-        )
+        app = start_service(ns, ns.ingress[0], tmp)
         try:
             app.wait_ready()
             body = {"image": b64, "scale": ns.scale}
@@ -186,15 +177,15 @@ INGRESS_ENV = {
 FLOOR_PREFIX = "/serve-floor"  # the no-op app's route
 
 
-def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
-    """The no-model round trip (and Serve's floor) on a cluster started for `ingress`."""
+def start_service(ns, ingress: str, tmp: Path):
+    """The service (the test profile's main app) and Serve's floor app, on a local cluster started
+    for `ingress`."""
     from tests.serve_harness import ServeApp
 
-    tmp.mkdir()
     saved = dict(os.environ)
     os.environ.update(INGRESS_ENV[ingress])  # ServeApp's processes inherit it
     try:
-        app = ServeApp(
+        return ServeApp(
             tmp,
             Path(ns.weights),
             tmp / "no-face.safetensors",
@@ -205,6 +196,12 @@ def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
+    """The no-model round trip (and Serve's floor) on a cluster started for `ingress`."""
+    tmp.mkdir()
+    app = start_service(ns, ingress, tmp)
     try:
         app.wait_ready()
         # Direct ingress keeps the proxy too: both, alternating rounds. HAProxy takes the usual

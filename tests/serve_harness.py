@@ -429,6 +429,9 @@ class ServeApp:
             grpc = _free_port_range(16)  # each replica opens a gRPC port beside its HTTP one
             env = {
                 "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # a 2-core box
+                # A stopping replica keeps its own port open this long for HAProxy to notice
+                # (30 s by default): our drain has already emptied it, and the suite waits.
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.replica_port),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.replica_port + 15),
                 "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
