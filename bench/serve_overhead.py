@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument(
         "--ingress",
         nargs="+",
-        choices=sorted(INGRESS_ENV),
+        choices=["proxy", "direct", "haproxy"],
         default=["proxy"],
         help="how HTTP reaches the ingress replica, one cluster each, in this order (with"
         " --bare-only): Serve's Python proxy; direct (RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the"
@@ -166,36 +166,16 @@ def main() -> None:
     print_bare(ns, bare)
 
 
-# How HTTP reaches the ingress replica: the Ray environment of each --ingress choice. The Serve
-# controller reads it at start, so each choice is a cluster of its own. haproxy: ServeApp's own
-# (scripts/serve --ingress haproxy, with 1 HAProxy thread and ports of its own).
-INGRESS_ENV = {
-    "proxy": {},
-    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-    "haproxy": {},
-}
 FLOOR_PREFIX = "/serve-floor"  # the no-op app's route
 
 
 def start_service(ns, ingress: str, tmp: Path):
-    """The service (the test profile's main app) and Serve's floor app, on a local cluster started
-    for `ingress`."""
+    """The service (the test profile's main app) and Serve's floor app, on a local cluster whose
+    ingress replicas `ingress` fronts (tests/serve_harness.py's ServeApp)."""
     from tests.serve_harness import ServeApp
 
-    saved = dict(os.environ)
-    os.environ.update(INGRESS_ENV[ingress])  # ServeApp's processes inherit it
-    try:
-        return ServeApp(
-            tmp,
-            Path(ns.weights),
-            tmp / "no-face.safetensors",
-            nolib=False,
-            edit=_with_floor,
-            haproxy=ingress == "haproxy",
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    weights, face = Path(ns.weights), tmp / "no-face.safetensors"
+    return ServeApp(tmp, weights, face, nolib=False, edit=_with_floor, ingress=ingress)
 
 
 def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
@@ -209,8 +189,8 @@ def bare_only(ns, ingress: str, tmp: Path, png: bytes) -> None:
         front = "HAProxy" if ingress == "haproxy" else "proxy"  # on the usual port
         urls = [(front, app.url, app.url + FLOOR_PREFIX + "/")]
         if ingress == "direct":  # each app's replica has a port of its own
-            service, floor = direct_ingress_urls()
-            urls.append(("direct ingress", service, floor + FLOOR_PREFIX + "/"))
+            floor = app.replica_url(FLOOR_PREFIX + "/") + FLOOR_PREFIX + "/"
+            urls.append(("direct ingress", app.replica_url(), floor))
         for label, url, floor_url in urls * 2:
             print(f"== through the {label}: {url} (second round: the same again)")
             print_bare(ns, no_model_round_trip(url, png, ns.bare_runs, floor_url))
@@ -226,32 +206,6 @@ def _with_floor(cfg: dict) -> None:
             "import_path": "bench.serve_floor:app",
         }
     )
-
-
-def direct_ingress_urls(timeout: float = 120) -> tuple[str, str]:
-    """(the service's ingress replica, the floor app's replica): the ports from
-    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000) where each answers (one replica each)."""
-    import httpx
-
-    first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-    found: dict[str, str] = {}
-    deadline = time.time() + timeout
-    while time.time() < deadline and len(found) < 2:
-        for port in range(first, first + 8):
-            url = f"http://127.0.0.1:{port}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    found["service"] = url
-                    continue
-                r = httpx.post(url + FLOOR_PREFIX + "/", headers={"x-answer-bytes": "1"}, timeout=2)
-                if r.content == b"\0":
-                    found["floor"] = url
-            except httpx.HTTPError:
-                continue
-        time.sleep(1)
-    if len(found) < 2:
-        raise RuntimeError(f"found {found} on ports {first}-{first + 7}, not both replicas")
-    return found["service"], found["floor"]
 
 
 def print_bare(ns, bare: dict[str, list[float]]) -> None:

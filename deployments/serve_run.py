@@ -84,30 +84,29 @@ def main(argv: list[str]) -> None:
 
 def _pop_address(argv: list[str]) -> tuple[str | None, list[str]]:
     """`serve run`'s --address/-a (default: $RAY_ADDRESS, else a new local Ray), and the rest."""
-    rest, address = [], os.environ.get("RAY_ADDRESS") or None
-    it = iter(argv)
-    for arg in it:
-        if arg in ("--address", "-a"):
-            address = next(it, address)
-        elif arg.startswith("--address="):
-            address = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return address, rest
+    return _pop_option(argv, ("--address", "-a"), os.environ.get("RAY_ADDRESS") or None)
 
 
 def _pop_ingress(argv: list[str]) -> tuple[str, list[str]]:
     """Our own `--ingress MODE` (one of INGRESS_ENV), and the rest for `serve run`."""
-    rest, mode = [], "proxy"
+    mode, rest = _pop_option(argv, ("--ingress",), "proxy", missing="")
+    if mode not in INGRESS_ENV:
+        sys.exit(f"--ingress must be one of {', '.join(INGRESS_ENV)}, not {mode!r}")
+    return mode, rest
+
+
+def _pop_option(argv: list[str], names: tuple[str, ...], default, missing=None):
+    """(the value of option `names`: `--x v` or `--x=v`, the last one wins; else `default`), and
+    the other arguments. `missing`: the value of a trailing `--x` with none (default: `default`)."""
+    rest, value = [], default
     it = iter(argv)
     for arg in it:
-        if arg == "--ingress" or arg.startswith("--ingress="):
-            mode = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-            if mode not in INGRESS_ENV:
-                sys.exit(f"--ingress must be one of {', '.join(INGRESS_ENV)}, not {mode!r}")
+        name, eq, inline = arg.partition("=")
+        if name in names:
+            value = inline if eq else next(it, default if missing is None else missing)
         else:
             rest.append(arg)
-    return mode, rest
+    return value, rest
 
 
 def _env_words(mode: str) -> str:

@@ -414,14 +414,16 @@ class ServeApp:
         nolib: bool = True,
         edit=None,
         code: Path = REPO,
-        haproxy: bool = False,
+        ingress: str = "proxy",
         launcher: str = "serve run",
     ):
-        """`haproxy`: the cluster in Serve's HAProxy mode (what `scripts/serve --ingress haproxy`
-        starts). `launcher="scripts/serve"`: the product's own launcher on a local Ray, as a user
-        runs it (no known metrics port or cluster address then; stop() is its graceful SIGTERM)."""
+        """`ingress`: what fronts the ingress replicas: "proxy" (Serve's Python proxy), "haproxy"
+        (what `scripts/serve --ingress haproxy` starts), or "direct" (Serve's direct ingress: the
+        proxy and each replica's own port). `launcher="scripts/serve"`: the product's own
+        launcher on a local Ray, as a user runs it (no known metrics port or cluster address
+        then; stop() is its graceful SIGTERM)."""
         env, serve_args = {}, []
-        if haproxy:
+        if ingress != "proxy":
             # Ports of its own, not Ray's fixed defaults (30000+ and 40000+ for the replicas' HTTP
             # and gRPC, 8500/9500 for the fallback proxy behind HAProxy, 9101 and 8404 for
             # HAProxy's metrics and stats), which another run on this box may hold.
@@ -441,10 +443,12 @@ class ServeApp:
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             }
-            if launcher == "scripts/serve":
-                serve_args = ["--ingress", "haproxy"]  # the flag comes from the launcher
+            if ingress == "direct":
+                env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+            elif launcher == "scripts/serve":
+                serve_args = ["--ingress", ingress]  # the flag comes from the launcher
             else:
-                env.update(INGRESS_ENV["haproxy"])
+                env.update(INGRESS_ENV[ingress])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_port = free_port()  # Ray's Prometheus endpoint (local cluster only)
@@ -527,15 +531,16 @@ class ServeApp:
         r = httpx.get(self.url + prefix + "/health", timeout=5)
         return r.status_code == 200 and r.json()["status"] == "ok"
 
-    def replica_url(self, timeout: float = 60) -> str:
-        """HAProxy mode: the ingress replica's own HTTP server (Serve's direct ingress), the first
-        of the app's replica ports that answers /health."""
+    def replica_url(self, path: str = "/health", timeout: float = 60) -> str:
+        """Direct or HAProxy mode: an ingress replica's own HTTP server, the first of the
+        cluster's replica ports that answers GET `path` (each app's replica has a port of its
+        own: /health finds the service's)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             for port in range(self.replica_port, self.replica_port + 16):
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    if httpx.get(url + path, timeout=2).status_code == 200:
                         return url
                 except httpx.HTTPError:
                     continue

@@ -25,7 +25,7 @@ def ha_service(tmp_path_factory, shared_weights, random_gfpgan):
         shared_weights,
         random_gfpgan,
         nolib=False,
-        haproxy=True,
+        ingress="haproxy",
         launcher="scripts/serve",
     )
     try:
