@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
+from hiresfix.images import psnr  # noqa: E402
 from hiresfix.runtime import PRECISIONS, torch_dtype  # noqa: E402
 from hiresfix.schemas import GenerateRequest  # noqa: E402
 from hiresfix.sdxl import BaseStage, RefineStage, SDXLSettings  # noqa: E402
@@ -209,11 +209,6 @@ def hold_vae_bf16(pipe) -> None:
 
     settings = SDXLSettings(vae_dtype="bf16")
     _set_vae_dtype(pipe.vae, settings, pipe.unet.device, pipe.unet.dtype)
-
-
-def psnr(a, b) -> float:
-    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def timed(fn, device: str, repeats: int = 7) -> float:

@@ -157,13 +157,6 @@ def _run(args, who: str, setting: str, save: str | None) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,6 +185,7 @@ def main() -> None:
     )
     peer_python()
     sys.path.insert(0, str(ROOT))
+    from hiresfix.images import psnr
     from hiresfix.upscale.runner import cpu_has_native_bf16
 
     auto = "bf16" if cpu_has_native_bf16() else "fp32"

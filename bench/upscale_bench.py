@@ -261,6 +261,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
+    from hiresfix.images import psnr
     from hiresfix.upscale.caps import SizeRule
     from hiresfix.upscale.tiling import plan_image
 
@@ -304,8 +305,7 @@ def main() -> None:
         m = 16 * (plain.shape[0] // args.size)  # frame edge: plain zero-pads, tiled reflect-pads
         for t in tiles:
             tiled = np.load(os.path.join(tmp, f"tiled{t}.npy"))
-            diff = (plain[m:-m, m:-m].astype(np.float64) - tiled[m:-m, m:-m]) / 255
-            agree[t] = 10 * np.log10(1 / max(float(np.mean(diff**2)), 1e-12))
+            agree[t] = psnr(plain[m:-m, m:-m], tiled[m:-m, m:-m])
 
     out_mb = 3 * 4 * plain.shape[0] * plain.shape[1] / 2**20  # the float32 output both must hold
     best = {
