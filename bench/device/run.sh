@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run ON the lent GPU machine (device tool, carry [".whl"], timeout_s 600): every GPU figure issue 14
-# asks for, in one call of ~7-9 min on an H200. First, HERE: `bash bench/device/fetch_wheels.sh`.
+# asks for in one process, in one call of ~7-9 min on an H200. First, HERE: `bash bench/device/fetch_wheels.sh`.
+# The same figure through HTTP (the issue's headline) is run_http.sh's: a lease of 15 min holds the
+# machine's start, run_http.sh (timeout_s 360) first, then this one with the time left.
 # Prints everything and writes the log to $OUT/gpu-<device>-<date>.log (copy it to bench/results/);
 # its hires-fix line reads "hires fix, total ... N.NN s" as the earlier logs' do.
 # The steps run most-wanted first, each under its own timeout, so a slow one costs only itself;
