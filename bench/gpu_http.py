@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# `serve run` on a fresh local Ray (never a cluster someone else runs on this machine).
-SERVE_RUN = """
-import sys
-import ray
-from ray.serve.scripts import cli
-ray.init(address="local", namespace="serve")
-cli(["run", sys.argv[1]])
-"""
+from tests.serve_harness import free_port  # noqa: E402
 
 
 def save_models(args, folder: Path) -> tuple[Path, Path]:
@@ -110,14 +102,15 @@ def serve_config(args, sdxl: Path, upscaler: Path, port: int) -> dict:
 
 
 class Service:
-    """`serve run` of the config in its own process group; stop() is Ctrl-C (Serve shuts down)."""
+    """The product's launcher (what scripts/serve runs) on a fresh local Ray; stop() is its
+    SIGTERM: drain, then Serve and that Ray shut down."""
 
     def __init__(self, config: Path, log: Path):
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_RUN, str(config)],
+            [sys.executable, "-m", "deployments.serve_run", str(config), "--address", "local"],
             cwd=ROOT,
             env=env,
             stdout=log.open("wb"),
@@ -144,9 +137,9 @@ class Service:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
@@ -205,8 +198,7 @@ def generate(url: str, body: dict) -> tuple[float, dict]:
     seconds = time.perf_counter() - t0
     if r.status_code != 200:
         raise SystemExit(f"/generate answered {r.status_code}: {r.text[:2000]}")
-    data = r.json()
-    return seconds, data
+    return seconds, r.json()
 
 
 def main() -> None:
@@ -230,9 +222,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-http-"))
     work.mkdir(parents=True, exist_ok=True)
     sdxl, upscaler = save_models(args, work)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = work / "serve_gpu_http.yaml"
     config.write_text(yaml.safe_dump(serve_config(args, sdxl, upscaler, port)))
     url = f"http://127.0.0.1:{port}"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,7 +125,7 @@ def make_test_config(
     for d in nolib["deployments"]:
         if d["name"] == "Upscaler":
             d["ray_actor_options"]["runtime_env"] = {
-                "py_executable": str(python_without(tmp, "spandrel"))
+                "py_executable": str(python_without(tmp / "venv-without-spandrel", "spandrel"))
             }
         if d["name"] == "Ingress":
             d["ray_actor_options"]["runtime_env"] = {"env_vars": {API_KEYS_ENV: ",".join(API_KEYS)}}
@@ -177,19 +179,31 @@ API_KEYS = ("test-key-one", "test-key-two")  # the "nolib" app's keys
 NOLIB_RESULTS_TTL_S = 3  # the "nolib" app's openai.results_ttl_s
 
 
-def python_without(tmp: Path, library: str) -> Path:
-    """A venv whose site-packages links every entry of this one except `library` (and its
-    metadata)."""
-    env = tmp / f"venv-without-{library}"
+def python_without(env: Path, *dists: str) -> Path:
+    """A venv at `env` whose site-packages links every entry of this one except the files of the
+    distributions `dists` (their packages and metadata): "library missing" for real, no import
+    hook. A folder they share with a kept distribution (a namespace such as google/) is split one
+    level down. bench/device/check_here.sh builds the GPU machine's Python with it."""
     if not env.exists():
+        norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+        drop = {norm(n) for n in dists}
+        hidden, kept = set(), set()  # (top-level entry, the next part) of their files
+        for d in importlib.metadata.distributions():
+            parts = {Path(f).parts[:2] for f in d.files or []}
+            (hidden if norm(d.metadata["Name"] or "") in drop else kept).update(parts)
+        gone = {top for top, *_ in hidden}
+        shared = gone & {top for top, *_ in kept}
         venv.create(env, with_pip=False, symlinks=True)
         ours = Path(sysconfig.get_paths()["purelib"])
         theirs = Path(sysconfig.get_paths(vars={"base": str(env), "platbase": str(env)})["purelib"])
         for entry in ours.iterdir():
-            name = entry.name.lower()
-            if name == library or name.startswith(library + "-"):
-                continue
-            (theirs / entry.name).symlink_to(entry)
+            if entry.name in shared:
+                (theirs / entry.name).mkdir()
+                for sub in entry.iterdir():
+                    if (entry.name, sub.name) not in hidden:
+                        (theirs / entry.name / sub.name).symlink_to(sub)
+            elif entry.name not in gone:
+                (theirs / entry.name).symlink_to(entry)
     return env / "bin" / "python"
 
 
