@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -157,7 +158,10 @@ class Tracker:
 
     def _end(self, request_id: str, state: str, detail: str | None = None) -> None:
         try:
-            self.handle.end.remote(request_id, state, detail)  # fire and forget
+            # Fire and forget, outside this request's context: Serve cancels a cancelled
+            # request's child calls that are still being routed, and "cancelled" is sent exactly
+            # then (the board showed such a request running until keep_s ran out).
+            contextvars.Context().run(self.handle.end.remote, request_id, state, detail)
         except Exception:  # noqa: BLE001
             log.warning("progress end not recorded for %s", request_id, exc_info=True)
 
