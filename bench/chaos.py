@@ -601,10 +601,11 @@ class Timeline:
         ]
 
 
-def autoscaled(c: Cluster, up_timeout: float = 150, down_timeout: float = 120) -> Outcome:
+def autoscaled(c: Cluster, up_timeout: float = 240, down_timeout: float = 120) -> Outcome:
     """Load until the Upscaler and SDXLBase each run 2 replicas, then a trickle (one client) until
     both are back at 1: every answer 200 (or 503 with Retry-After), none cut, scale-down drains
-    the replica it stops (the trickle's requests land on it too)."""
+    the replica it stops (the trickle's requests land on it too). up_timeout: both second replicas
+    took 128 s to run on a slow day of the 2-core box (40 s on a quick one)."""
     import threading
 
     out = Outcome("autoscaling: load scales Upscaler and SDXLBase 1 -> 2 -> 1")
