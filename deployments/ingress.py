@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.a1111_routes import A1111Routes
+from deployments.elsewhere import Elsewhere, apps_of, resolve
 from deployments.guard import GUARD_ENV, GuardSettings, HttpSettings
 from deployments.http import (
     RETRYABLE,
@@ -113,10 +114,10 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
     def __init__(
         self,
         *,
-        base: DeploymentHandle,
-        upscaler: DeploymentHandle,
-        refine: DeploymentHandle,
-        progress: DeploymentHandle,
+        base: DeploymentHandle | Elsewhere,  # Elsewhere: a front door's (deployments/graph.py)
+        upscaler: DeploymentHandle | Elsewhere,
+        refine: DeploymentHandle | Elsewhere,
+        progress: DeploymentHandle | Elsewhere,
         limits: Limits,
         progress_settings: ProgressSettings,
         health: HealthSettings,
@@ -127,14 +128,16 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
         openai: OpenAISettings | None = None,
     ):
         self.stages = {
-            "base": base,
-            "upscaler": upscaler,
-            "refine": refine,
+            "base": resolve(base),
+            "upscaler": resolve(upscaler),
+            "refine": resolve(refine),
         }  # names used by hiresfix/plan.py
-        self.tracker = Tracker(progress, progress_settings)
+        self.tracker = Tracker(resolve(progress), progress_settings)
         self.jobs = jobs  # the job queue (deployments/jobs.py) behind /jobs
         self.openai_settings = openai or OpenAISettings()  # /v1 url answers (openai_routes.py)
-        self.replicas = ReplicaWatch(health.replica_watch_s)  # deployments/watch.py
+        self.replicas = ReplicaWatch(  # deployments/watch.py
+            health.replica_watch_s, apps_of(base, upscaler, refine, progress)
+        )
         self.limits, self.health_settings = limits, health
         self.png_level = http.png_compress_level  # hiresfix/images.py: PNG_COMPRESS_LEVEL
         self.upscaler_names, self.face_names = upscaler_names, face_names
@@ -428,7 +431,7 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
             "running_replicas": seen.running.get("Jobs", 0),
         }
         up, rf = infos["Upscaler"], infos["RefineFace"]
-        models = [ModelInfo(**m) for m in up.get("models", []) + rf.get("face_models", [])]
+        models = self._offered(up.get("models", []) + rf.get("face_models", []))
         healthy = (
             all(d["state"] == "HEALTHY" for d in deployments.values())
             and seen.states.get("Ingress") == "HEALTHY"
@@ -447,6 +450,12 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
     async def models(self) -> ModelsResponse:
         infos = await self._stage_infos()
         return ModelsResponse(
-            upscalers=[ModelInfo(**m) for m in infos["Upscaler"].get("models", [])],
-            face_models=[ModelInfo(**m) for m in infos["RefineFace"].get("face_models", [])],
+            upscalers=self._offered(infos["Upscaler"].get("models", [])),
+            face_models=self._offered(infos["RefineFace"].get("face_models", [])),
         )
+
+    def _offered(self, reports: list[dict]) -> list[ModelInfo]:
+        """The stages' model reports this app lets clients name (a front door offers a subset
+        of its stages' models; an app with its own stages, all of them)."""
+        names = {"upscaler": self.upscaler_names, "face": self.face_names}
+        return [ModelInfo(**m) for m in reports if m["name"] in names[m["kind"]]]

@@ -30,8 +30,11 @@ class Snapshot:
 
 
 class ReplicaWatch:
-    def __init__(self, ttl_s: float):
+    def __init__(self, ttl_s: float, elsewhere: dict[str, str] | None = None):
+        """`elsewhere`: deployment -> application, for stages of another app (a front door's:
+        deployments/elsewhere.py); every other deployment is looked up in this replica's app."""
         self.ttl_s = ttl_s
+        self.elsewhere = dict(elsewhere or {})
         self._last = Snapshot()
         self._refresh: asyncio.Task | None = None
 
@@ -58,22 +61,26 @@ class ReplicaWatch:
 
     async def _read(self) -> None:
         try:
-            self._last = await asyncio.to_thread(_read)
+            self._last = await asyncio.to_thread(_read, self.elsewhere)
         except Exception:  # noqa: BLE001 - no opinion until the next ttl; Serve decides meanwhile
             self._last = Snapshot(at=time.monotonic())
 
 
-def _read() -> Snapshot:
+def _read(elsewhere: dict[str, str]) -> Snapshot:
     from ray import serve
 
     app = serve.get_replica_context().replica_id.deployment_id.app_name
     try:
-        status = serve.status().applications[app]
+        apps = serve.status().applications
+        deployments = dict(apps[app].deployments)
     except Exception:  # the controller is briefly away: no opinion, retry at the next ttl
         return Snapshot(at=time.monotonic())
+    for name, other in elsewhere.items():
+        if other in apps and name in apps[other].deployments:  # else unknown: Serve decides
+            deployments[name] = apps[other].deployments[name]
     return Snapshot(
-        states={name: d.status.value for name, d in status.deployments.items()},
-        running={name: _serving(d.replica_states) for name, d in status.deployments.items()},
+        states={name: d.status.value for name, d in deployments.items()},
+        running={name: _serving(d.replica_states) for name, d in deployments.items()},
         at=time.monotonic(),
     )
 

@@ -163,15 +163,22 @@ FUZZ_BODY_TIMEOUT_S = 5  # stalled uploads to /fuzz get their 408 quickly (tests
 
 
 def fuzz_app(main: dict, tmp: Path) -> dict:
-    """A third copy of the main app at /fuzz with FUZZ_LIMITS, the one real upscaler and the one
-    real face model: the same OpenAPI document, a cheap largest valid request."""
+    """A front door at /fuzz to the main app's stages (`stages_from`: no model of its own) with
+    FUZZ_LIMITS, offering the one real upscaler and the one real face model: the same OpenAPI
+    document, a cheap largest valid request."""
     app = copy.deepcopy(main)
     app.update(name="fuzz", route_prefix="/fuzz")
     args = app["args"]
-    args["upscaler"]["models"] = args["upscaler"]["models"][:1]
-    args["face"] = {**args["face"], "models": args["face"]["models"][:1]}
-    args["limits"] = dict(FUZZ_LIMITS)
+    offer = {
+        "upscalers": [args["upscaler"]["models"][0]["name"]],
+        "face_models": [args["face"]["models"][0]["name"]],
+    }
+    for own in ("sdxl", "upscaler", "face"):  # the main app's (AppArgs refuses them here)
+        del args[own]
+    args["openai"] = {k: v for k, v in args["openai"].items() if not k.startswith("results_")}
+    args.update(stages_from=main["name"], offer=offer, limits=dict(FUZZ_LIMITS))
     args["http"] = {**args.get("http", {}), "body_timeout_s": FUZZ_BODY_TIMEOUT_S}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "Jobs")]
     return app
 
 

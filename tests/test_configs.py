@@ -96,3 +96,35 @@ def test_the_graph_imports_without_the_model_code():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _deployments_of(args: dict) -> list[str]:
+    from ray.serve._private.build_app import build_app as serve_build  # what `serve run` does
+
+    from deployments.graph import build_app
+
+    return sorted(d.name for d in serve_build(build_app(args), name="app").deployments)
+
+
+def test_a_front_door_starts_no_stage_of_its_own():
+    """`stages_from`: an Ingress and its Jobs queue calling another app's stages and board."""
+    door = {"stages_from": "hiresfix", "offer": {"upscalers": ["RealESRGAN_x2plus"]}}
+    assert _deployments_of(door) == ["Ingress", "Jobs"]
+    full = load("serve_config.yaml")["applications"][0]["args"]
+    assert _deployments_of(full) == [
+        "Ingress",
+        "Jobs",
+        "Progress",
+        "RefineFace",
+        "SDXLBase",
+        "Upscaler",
+    ]
+    # Settings that would be silently ignored are refused, naming what to change.
+    with pytest.raises(pydantic.ValidationError, match=r"leave out \['face', 'sdxl'\]"):
+        AppArgs.model_validate({**door, "sdxl": {}, "face": {}})
+    board = {**door, "progress": {"keep_s": 5, "skip_s": 1}, "openai": {"results_ttl_s": 5}}
+    with pytest.raises(pydantic.ValidationError, match=r"\['progress.keep_s', 'openai.results_"):
+        AppArgs.model_validate(board)
+    AppArgs.model_validate({**door, "progress": {"skip_s": 1}})  # the ingress's own side
+    with pytest.raises(pydantic.ValidationError, match="offer is for an app with stages_from"):
+        AppArgs.model_validate({**full, "offer": {"upscalers": []}})

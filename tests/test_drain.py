@@ -49,15 +49,15 @@ def test_a_request_never_waits_for_the_controller_read(monkeypatch):
 
     release, reads = threading.Event(), []
 
-    def slow_read() -> Snapshot:
-        reads.append(1)
+    def slow_read(elsewhere: dict[str, str]) -> Snapshot:
+        reads.append(elsewhere)
         assert release.wait(10), "the read was never released"
         return Snapshot(states={"Upscaler": "UNHEALTHY"}, running={"Upscaler": 0}, at=1e18)
 
     monkeypatch.setattr(watch, "_read", slow_read)
 
     async def scenario():
-        w = watch.ReplicaWatch(ttl_s=1.0)
+        w = watch.ReplicaWatch(ttl_s=1.0, elsewhere={"Upscaler": "main"})
         first = await asyncio.wait_for(w.has_replica("Upscaler"), 1.0)  # read still blocked
         again = await asyncio.wait_for(w.has_replica("Upscaler"), 1.0)
         fresh = asyncio.ensure_future(w.fresh())  # /health: waits for this read
@@ -69,7 +69,7 @@ def test_a_request_never_waits_for_the_controller_read(monkeypatch):
 
     first, again, seen, after = asyncio.run(scenario())
     assert first and again  # no opinion yet: Serve decides
-    assert len(reads) == 1  # one controller call for all of them
+    assert reads == [{"Upscaler": "main"}]  # one controller call for all of them
     assert not seen.serves("Upscaler") and not after  # the read landed: the stage is gone
 
 

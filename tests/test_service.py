@@ -400,6 +400,37 @@ def test_upscale_fallbacks_are_reported_and_service_survives(service, body, reas
     assert ok(httpx.get(service.url + "/health", timeout=30))["status"] == "ok"
 
 
+def test_a_front_door_uses_the_main_apps_stages(service):
+    """The "fuzz" app (`stages_from: hiresfix`) has no model replica of its own: its requests run
+    on the main app's stages and report to its board, with the door's own limits and the models
+    it offers."""
+    import ray
+
+    ray.init(address=service.gcs_address(), namespace="serve", log_to_driver=False)
+    try:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    finally:
+        ray.shutdown()
+    fuzz = {n.split("#")[1] for n in names if n.startswith("SERVE_REPLICA::fuzz#")}
+    assert fuzz == {"Ingress", "Jobs"}, names
+    h = ok(httpx.get(service.url + "/fuzz/health", timeout=30))
+    assert h["status"] == "ok" and h["realesrgan_available"] and h["face_restoration_available"]
+    assert h["deployments"]["SDXLBase"]["running_replicas"] == 1, h["deployments"]
+    offered = ok(httpx.get(service.url + "/fuzz/models", timeout=30))
+    assert [m["name"] for m in offered["upscalers"]] == ["realesr-animevideov3"]
+    assert [m["name"] for m in offered["face_models"]] == ["gfpgan-random"]
+    rid = f"front-door-{time.time_ns()}"
+    body = {"prompt": "a fox", **TINY, "hires_fix": True, "use_face_restoration": True}
+    r = ok(post(service, "/fuzz/generate", body, headers={"x-request-id": rid}))
+    assert (r["upscaler_used"], r["width"]) == ("realesr-animevideov3", 128), r
+    assert ok(httpx.get(f"{service.url}/progress/{rid}", timeout=30))["state"] == "done"
+    # The main app configures this upscaler; the door does not offer it.
+    bad = post(service, "/fuzz/generate", {**body, "upscaler": "chaos-error"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "upscaler", bad.text
+    big = post(service, "/fuzz/generate", {**body, "width": 256})  # its own limits: 128 px
+    assert big.status_code == 422 and big.json()["detail"][0]["field"] == "width", big.text
+
+
 def test_library_missing_falls_back_and_health_says_so(service):
     # The "nolib" app's upscaler replica runs on an interpreter where spandrel is not installed.
     h = ok(httpx.get(service.url + "/nolib/health", timeout=30))
