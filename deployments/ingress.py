@@ -251,6 +251,14 @@ class Ingress(OpenAIRoutes, A1111Routes, JobsRoutes):  # /v1/*, /sdapi/v1/*, /jo
         return await self._run(plan, batch)
 
     async def _run(self, plan: list[StageCall], batch: ImageBatch | None = None) -> ImageBatch:
+        other = await self.replicas.missing_app() if plan else None
+        if other is not None:  # a front door to an app that is not deployed (a config mistake)
+            raise RequestError(
+                "service",
+                f"this app's stages belong to app {other!r} (stages_from), which is not"
+                " deployed: deploy it, or correct stages_from",
+                503,
+            )
         try:
             return await self._chain(plan, batch)
         except (*RETRYABLE, StageLost) as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 class Snapshot:
     states: dict[str, str] = field(default_factory=dict)  # deployment -> HEALTHY, UNHEALTHY, ...
     running: dict[str, int] = field(default_factory=dict)  # deployment -> RUNNING replicas
+    missing: dict[str, str] = field(default_factory=dict)  # deployment -> its app, not deployed
     at: float = float("-inf")
 
     def serves(self, deployment: str) -> bool:
@@ -59,6 +60,15 @@ class ReplicaWatch:
     async def has_replica(self, deployment: str) -> bool:
         return (await self.snapshot()).serves(deployment)
 
+    async def missing_app(self) -> str | None:
+        """A front door's other app (`stages_from`) when the controller says it is not deployed:
+        calls to it would wait in Serve's router until request_timeout_s. The first call waits
+        for one controller read, as a request then must not go out to nothing."""
+        if not self.elsewhere:
+            return None
+        seen = await (self.fresh() if self._last.at == float("-inf") else self.snapshot())
+        return next(iter(seen.missing.values()), None)
+
     async def _read(self) -> None:
         try:
             self._last = await asyncio.to_thread(_read, self.elsewhere)
@@ -75,12 +85,14 @@ def _read(elsewhere: dict[str, str]) -> Snapshot:
         deployments = dict(apps[app].deployments)
     except Exception:  # the controller is briefly away: no opinion, retry at the next ttl
         return Snapshot(at=time.monotonic())
+    missing = {name: other for name, other in elsewhere.items() if other not in apps}
     for name, other in elsewhere.items():
         if other in apps and name in apps[other].deployments:  # else unknown: Serve decides
             deployments[name] = apps[other].deployments[name]
     return Snapshot(
         states={name: d.status.value for name, d in deployments.items()},
         running={name: _serving(d.replica_states) for name, d in deployments.items()},
+        missing=missing,
         at=time.monotonic(),
     )
 

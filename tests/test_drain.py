@@ -110,3 +110,33 @@ def test_serve_run_wrapper_takes_its_ingress_mode(monkeypatch):
         )
         assert done.returncode == 1 and says in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr
+
+
+def test_a_front_door_to_an_app_that_is_not_deployed_knows_at_once(monkeypatch):
+    """A front door (`stages_from`) reads its stages' replicas in their app (one controller call);
+    when that app is not deployed the ingress answers a 503 naming it (deployments/ingress.py
+    `_run`) instead of calls waiting in Serve's router until request_timeout_s. The controller's
+    answer is stubbed here: what it says, not how Serve gets it, is under test."""
+    import asyncio
+    from types import SimpleNamespace as NS
+
+    from ray import serve
+
+    from deployments import watch
+
+    def deployment(running: int):
+        return NS(status=NS(value="HEALTHY"), replica_states={"RUNNING": running})
+
+    apps = {"door": NS(deployments={"Ingress": deployment(1), "Jobs": deployment(1)})}
+    monkeypatch.setattr(serve, "status", lambda: NS(applications=apps))
+    me = NS(replica_id=NS(deployment_id=NS(app_name="door")))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: me)
+    elsewhere = {"SDXLBase": "main", "Progress": "main"}
+
+    assert asyncio.run(watch.ReplicaWatch(1.0, elsewhere).missing_app()) == "main"
+    assert asyncio.run(watch.ReplicaWatch(1.0).missing_app()) is None  # stages of its own
+    apps["main"] = NS(deployments={"SDXLBase": deployment(1), "Progress": deployment(0)})
+    assert asyncio.run(watch.ReplicaWatch(1.0, elsewhere).missing_app()) is None
+    seen = watch._read(elsewhere)
+    assert seen.running == {"Ingress": 1, "Jobs": 1, "SDXLBase": 1, "Progress": 0}
+    assert seen.serves("SDXLBase") and not seen.missing
