@@ -14,7 +14,7 @@ from ray.serve import Application
 from deployments.base import SDXLBase
 from deployments.elsewhere import Elsewhere
 from deployments.guard import HttpSettings
-from deployments.ingress import HealthSettings, Ingress
+from deployments.ingress import DEPLOYMENTS, HealthSettings, Ingress
 from deployments.jobs import Jobs
 from deployments.progress import Progress
 from deployments.refine import RefineFace
@@ -42,9 +42,10 @@ class Offer(BaseModel):
     )
 
 
-# The stages a front door takes from the app it names (and the board they report to), and the
-# settings of theirs it cannot have (its Ingress's side of progress and openai it keeps).
-SHARED = ("SDXLBase", "Upscaler", "RefineFace", "Progress")
+# The stages a front door takes from the app it names (and the board they report to), by the
+# Ingress's argument names, and the settings of theirs it cannot have (its Ingress's side of
+# progress and openai it keeps).
+SHARED = {**DEPLOYMENTS, "progress": "Progress"}
 BOARD_SIDE = {"keep_s", "max_entries", "report_interval_s"}
 RESULTS_SIDE = {"results_ttl_s", "results_max_images", "results_max_bytes"}
 
@@ -73,19 +74,21 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _front_door(self) -> AppArgs:
+        if self.stages_from is None:
+            if self.offer is not None:
+                raise ValueError(
+                    "offer is for an app with stages_from; an app with its own stages offers"
+                    " every model in its upscaler.models and face.models"
+                )
+            return self
+        # What the other app's stages and board hold.
         own = sorted({"sdxl", "upscaler", "face"} & self.model_fields_set)
-        if self.stages_from is not None:  # what the other app's stages and board hold
-            own += [f"progress.{k}" for k in sorted(BOARD_SIDE & self.progress.model_fields_set)]
-            own += [f"openai.{k}" for k in sorted(RESULTS_SIDE & self.openai.model_fields_set)]
-        if self.stages_from is not None and own:
+        own += [f"progress.{k}" for k in sorted(BOARD_SIDE & self.progress.model_fields_set)]
+        own += [f"openai.{k}" for k in sorted(RESULTS_SIDE & self.openai.model_fields_set)]
+        if own:
             raise ValueError(
                 f"stages_from {self.stages_from!r} runs that app's stages: leave out {own} here"
                 " and list the models this app offers under `offer`"
-            )
-        if self.offer is not None and self.stages_from is None:
-            raise ValueError(
-                "offer is for an app with stages_from; an app with its own stages offers every"
-                " model in its upscaler.models and face.models"
             )
         return self
 
@@ -97,8 +100,7 @@ def build_app(args: dict) -> Application:
         upscalers = [m.name for m in cfg.upscaler.models]
         faces = [m.name for m in cfg.face.models]
     else:  # a front door: no model loaded here, that app's replicas are called
-        base, upscaler, refine, progress = (Elsewhere(cfg.stages_from, n) for n in SHARED)
-        stages = dict(base=base, upscaler=upscaler, refine=refine, progress=progress)
+        stages = {arg: Elsewhere(cfg.stages_from, name) for arg, name in SHARED.items()}
         offer = cfg.offer or Offer()
         upscalers, faces = offer.upscalers, offer.face_models
     return Ingress.bind(

@@ -85,9 +85,11 @@ def _read(elsewhere: dict[str, str]) -> Snapshot:
         deployments = dict(apps[app].deployments)
     except Exception:  # the controller is briefly away: no opinion, retry at the next ttl
         return Snapshot(at=time.monotonic())
-    missing = {name: other for name, other in elsewhere.items() if other not in apps}
+    missing = {}
     for name, other in elsewhere.items():
-        if other in apps and name in apps[other].deployments:  # else unknown: Serve decides
+        if other not in apps:
+            missing[name] = other
+        elif name in apps[other].deployments:  # else unknown: Serve decides
             deployments[name] = apps[other].deployments[name]
     return Snapshot(
         states={name: d.status.value for name, d in deployments.items()},
