@@ -80,11 +80,59 @@ def service(tmp_path_factory, shared_weights, random_gfpgan):
         app.stop()  # a no-op when pytest_runtest_teardown stopped it
 
 
+# scripts/test runs the suite on two pytest-xdist workers. A unit of work is a module (its
+# module-scoped fixtures are built once), except that every module with tests on the shared
+# service is one unit, so one worker starts the service once and runs those tests in a row. The
+# other worker runs the in-process modules meanwhile (on the core the service leaves idle), then
+# test_chaos's own cluster, queued last so that it meets the service's quieter tail, not its start.
+SERVICE_MODULES = {
+    "test_a1111",
+    "test_fuzz",
+    "test_guard",
+    "test_hostile",
+    "test_img2img",
+    "test_jobs",
+    "test_load",
+    "test_metrics",
+    "test_openai",
+    "test_service",
+}
+LAST_MODULES = ("test_chaos",)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 def pytest_collection_modifyitems(items):
     """The tests on the shared service first (in their usual order), so it can stop before the
-    rest: idle, its 18 replicas take ~0.7 of this box's 2 cores, which the in-process tests and
-    the clusters of their own (test_chaos, test_drain) lost for the whole run."""
-    items.sort(key=lambda item: "service" not in item.fixturenames)  # stable
+    rest: idle, its replicas take ~0.6 of this box's 2 cores. test_chaos last (above)."""
+    strays = {
+        _module(i.nodeid)
+        for i in items
+        if "service" in i.fixturenames and _module(i.nodeid) not in SERVICE_MODULES
+    }
+    if strays:  # it would start a second service on the other worker
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(strays)} to SERVICE_MODULES")
+    items.sort(
+        key=lambda i: (
+            0 if "service" in i.fixturenames else 2 if _module(i.nodeid) in LAST_MODULES else 1
+        )
+    )  # stable
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which would answer first
+def pytest_xdist_make_scheduler(config, log):
+    """Units as above, queued in collection order (not xdist's largest-first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServiceAsOneUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "service" if module in SERVICE_MODULES else module
+
+    config.option.loadscopereorder = False
+    return ServiceAsOneUnit(config, log)
 
 
 def pytest_runtest_teardown(item, nextitem):
