@@ -83,8 +83,8 @@ def service(tmp_path_factory, shared_weights, random_gfpgan):
 # scripts/test runs the suite on two pytest-xdist workers. A unit of work is a module (its
 # module-scoped fixtures are built once), except that every module with tests on the shared
 # service is one unit, so one worker starts the service once and runs those tests in a row. The
-# other worker runs the in-process modules meanwhile (on the core the service leaves idle), then
-# test_chaos's own cluster, queued last so that it meets the service's quieter tail, not its start.
+# other worker runs the in-process modules meanwhile (on the core the service leaves idle), and
+# test_chaos's own cluster is queued last, so that it never runs beside the service's tests.
 SERVICE_MODULES = {
     "test_a1111",
     "test_fuzz",
